@@ -1,1 +1,22 @@
-//! placeholder
+//! # emp-control-plane
+//!
+//! The slim control plane of emp: the REST API for submitters and operators, the only writer to
+//! PostgreSQL (the source of truth), and the duties that keep Redis and Postgres consistent.
+//!
+//! - [`config`]: the environment (CONTRACT.md section 3), validated once; bad values name
+//!   their variable.
+//! - [`db`]: the pool, migrations and repositories (users, api_keys, jobs, executions,
+//!   machines, templates, system_config), compile-time checked queries.
+//! - [`http`]: the axum router, handler state, the error envelope, `/health` and `/ready`.
+//! - [`redis_conn`]: the Redis connection, made in the background with backoff.
+//! - [`server`]: `serve` (migrate, listen, graceful shutdown) and signal handling.
+//! - [`telemetry`]: tracing set-up.
+//!
+//! `main.rs` only parses the command line and calls into these.
+
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod redis_conn;
+pub mod server;
+pub mod telemetry;

@@ -9,10 +9,13 @@
 //!   the matching rule [`capabilities::Capabilities::satisfies`].
 //! - [`workflow`]: ComfyUI API-format graphs: shape validation and the requirements a graph
 //!   implies (node types, model files).
+//! - [`status`]: the job, machine and execution status words (Postgres enums with the
+//!   `sqlx` feature).
 //! - [`dispatch`]: the Redis side of dispatch: key layout, the Lua scripts and their typed
 //!   wrappers, and the events every state change writes to the stream.
 
 pub mod capabilities;
 pub mod dispatch;
 pub mod requirements;
+pub mod status;
 pub mod workflow;
