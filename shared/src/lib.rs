@@ -9,6 +9,7 @@
 //!   the matching rule [`capabilities::Capabilities::satisfies`].
 //! - [`workflow`]: ComfyUI API-format graphs: shape validation and the requirements a graph
 //!   implies (node types, model files).
+//! - [`payload`]: the job as the agent receives it on a claim.
 //! - [`status`]: the job, machine and execution status words (Postgres enums with the
 //!   `sqlx` feature).
 //! - [`dispatch`]: the Redis side of dispatch: key layout, the Lua scripts and their typed
@@ -16,6 +17,7 @@
 
 pub mod capabilities;
 pub mod dispatch;
+pub mod payload;
 pub mod requirements;
 pub mod status;
 pub mod workflow;

@@ -1,1 +1,112 @@
-//! placeholder
+//! # The Redis side of dispatch
+//!
+//! Queues, claims, leases, machines, wake-ups and the events stream, each state change made by
+//! one Lua script (atomic, one round trip) that also writes its event. [`Dispatch`] holds the
+//! key names and the scripts and wraps every script in a typed method; it works with any
+//! [`redis::aio::ConnectionLike`] (a `ConnectionManager` in production).
+//!
+//! ## Keys
+//! Every key starts with `{<prefix>}:` (production prefix `emp`; [`Keys`]). The braces are a
+//! Redis Cluster hash tag: all keys share one slot, so every script is cluster-safe. Scripts
+//! declare their fixed keys in KEYS; per-id keys whose names come from data read inside the
+//! script (a job's user, an execution's machine) are built in Lua from the prefix passed as
+//! `ARGV[1]` — the same hash tag, hence the same slot. No KEYS/SCAN anywhere on a hot path.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `epoch` | string | random id; present once state is complete. Agent scripts answer `Restoring` without it (Redis was lost; the reconciler rebuilds, then [`Dispatch::init_epoch`]) |
+//! | `config` | hash | `max_concurrent_jobs_per_user` (10), `max_queue_size` (1000), `lease_ms` (60000), `finished_ttl_ms` (3600000) — [`DispatchConfig`] |
+//! | `seq` | counter | submission order |
+//! | `queued` | counter | QUEUED jobs, held ones included (for `max_queue_size`) |
+//! | `classes` | hash | class id → requirements JSON |
+//! | `classes:ver` | counter | bumped when a class first appears; heartbeat and register replies carry it |
+//! | `q:<class>` | zset | QUEUED job ids, score `(100 - priority) * 2^40 + seq`: `ZRANGE 0 0` is the best; a requeued job keeps its score |
+//! | `held:<user>` | zset | the user's QUEUED jobs parked while the user is at their limit (same scores) |
+//! | `user:<user>:running` | counter | the user's PROCESSING jobs (deleted at 0) |
+//! | `wake:<class>` | list | wake tokens (≤ 32) for idle claimers |
+//! | `job:<id>` | hash | `user_id class priority seq score status attempts max_attempts timeout_ms cancel_requested payload submitted_ms` + while running `execution_id machine_id started_ms progress`, once finished `finished_ms error`; finished → TTL `finished_ttl_ms`, payload dropped |
+//! | `exec:<eid>` | hash | `job machine user status started_ms deadline_ms [ended_ms]`; after it ends a tombstone with TTL `finished_ttl_ms`, so a late report is told apart (its own machine → stale, another → refused) |
+//! | `leases` | zset | execution id → lease deadline (ms) |
+//! | `timeouts` | zset | execution id → hard deadline (started + timeout) |
+//! | `machine-ids` | hash | external id → machine id |
+//! | `machine:<mid>` | hash | `status external_id provider region capabilities max_slots registered_ms last_heartbeat_ms gpu_stats [drain]`; OFFLINE/TERMINATED → TTL 7 days |
+//! | `machine:<mid>:execs` | set | the executions the machine runs |
+//! | `machines` | zset | machine id → last heartbeat (ms), machines not OFFLINE |
+//! | `events` | stream | every state change ([`events`]) |
+//!
+//! ## Scripts (`lua/*.lua`, each prefixed with `lua/common.lua`)
+//! Agent-facing scripts first check the epoch. Fenced reports are accepted only from the job's
+//! current execution *and* its machine.
+//!
+//! | script | caller | KEYS | ARGV after the prefix | reply |
+//! |---|---|---|---|---|
+//! | `init_epoch` | control plane | `epoch` | epoch | created, epoch |
+//! | `enqueue` | control plane | `epoch config seq queued classes classes:ver events job:<id> q:<class> wake:<class>` | job, user, class, requirements, priority, max_attempts, timeout_ms, payload, check_queue_size | queued(seq, parked) / exists(status) / queue_full(n) |
+//! | `cancel` | control plane | `epoch config queued events job:<id>` | job | cancelled / cancel_requested(machine, exec) / finished(status) / unknown |
+//! | `requeue_expired` | control plane (reaper) | `epoch config leases timeouts queued events` | limit, now ('' = TIME) | requeued, failed, timed_out, cancelled, cleaned |
+//! | `machine_admin` | control plane | `epoch machines events machine:<mid> machine:<mid>:execs` | machine, drain/undrain/offline/terminated | ok(status) / unknown_machine |
+//! | `sweep_machines` | control plane | `epoch machines events` | stale_ms, limit, now | n marked OFFLINE |
+//! | `register` | agent | `epoch machines machine-ids events classes:ver` | candidate, external_id, provider, region, capabilities, max_slots | registered(mid, reused, classes_ver) / restoring |
+//! | `heartbeat` | agent | `epoch config leases machines events classes:ver machine:<mid> machine:<mid>:execs` | machine, STARTING/READY, gpu_stats, running eids… | ok(drain, classes_ver, status, n_cancel, cancel…, abandon…) / unknown_machine / restoring |
+//! | `claim` | agent | `epoch config leases timeouts queued events machine:<mid> machine:<mid>:execs q:<class>…` | machine, execution, max_parks | claimed(job…) / empty / again / at_capacity / draining / unknown_machine / restoring |
+//! | `progress` | agent | `epoch config leases timeouts queued events` | machine, execution, value, max, node | ok(cancel_requested) / stale / not_owner / restoring |
+//! | `complete` | agent | same | machine, execution, outputs | ok (also for a repeat of the same complete) / stale / not_owner / restoring |
+//! | `fail` | agent | same | machine, execution, error, retryable | ok(requeued/failed/cancelled, attempts) / … |
+//! | `cancelled` | agent | same | machine, execution | ok / not_requested / … |
+//! | `release` | agent | same | machine, execution | ok(requeued/cancelled) / … |
+//! | `deregister` | agent | `epoch config leases timeouts queued events machines machine:<mid> machine:<mid>:execs` | machine | ok(n_lost) / unknown_machine / restoring |
+//!
+//! ## How the pieces fit
+//! - **Claim** reads the head of each of the machine's classes (`ZRANGE 0 0`), takes the best,
+//!   and creates the execution (the caller's UUIDv7, the fence): job PROCESSING, attempts + 1,
+//!   lease and hard deadline, machine slot, user slot, `job.claimed`. Its cost grows with the
+//!   number of classes, never with waiting jobs.
+//! - **Fairness**: a head whose user is at `max_concurrent_jobs_per_user` is parked in
+//!   `held:<user>` (enqueue parks at once when the user is already at the limit); whenever that
+//!   user's running count drops (or a job of theirs that was unparked is cancelled), as many held
+//!   jobs as there is room for go back to their queues (same scores) with wake tokens. Held jobs
+//!   never block other users.
+//! - **Machine status** follows from facts: DRAINING while the operator's drain flag is set;
+//!   STARTING until the agent says READY (or claims); BUSY when all `max_slots` are taken, else
+//!   AVAILABLE. Every change writes `machine.status`.
+//! - **Leases**: the heartbeat extends the leases of the executions both the agent and Redis
+//!   agree on; the reaper ([`Dispatch::requeue_expired`]) requeues expired ones (LOST) or fails
+//!   them `attempts_exhausted`, and fails those past their deadline with `timeout`.
+//! - **Wake-ups**: every script that makes a job claimable pushes a token onto its class's wake
+//!   list; idle claimers block on theirs ([`Dispatch::wait_for_work`]).
+//!
+//! ## Security note
+//! Redis 7 checks every command a script runs against the *calling* user's ACL, so an agent's
+//! ACL user needs the script's commands on `{emp}:*` keys, not only `EVALSHA`; it could then run
+//! them directly. The scripts' checks therefore stop confused or buggy agents, not a hostile one
+//! with direct Redis access.
+
+mod client;
+mod error;
+pub mod events;
+mod keys;
+mod scripts;
+mod types;
+mod wake;
+
+pub mod bench;
+
+pub use client::Dispatch;
+pub use error::{DispatchError, MalformedEvent};
+pub use events::{Event, EventData, EventStream, EventType};
+pub use keys::{Keys, check_class_id};
+pub use types::{
+    AgentState, CancelOutcome, CancelledResult, ClaimOutcome, ClaimedJob, DispatchConfig,
+    EnqueueOutcome, ExecutionStatus, FailResult, Fenced, Heartbeat, HeartbeatOutcome,
+    HeartbeatReply, JobState, JobStatus, MachineAction, MachineAdminOutcome, MachineState,
+    MachineStatus, NewJob, Progress, ProgressAck, QueueLimit, ReapReport, RegisterOutcome,
+    Registration, ReleaseResult, UnknownStatus,
+};
+pub use wake::{Wake, waiter_connection};
+
+impl Dispatch {
+    /// The consumer-group side of the events stream.
+    pub fn events(&self) -> EventStream {
+        EventStream::new(self.keys().events())
+    }
+}

@@ -1,0 +1,34 @@
+-- machine_admin (control plane): drain, undrain, or mark a machine OFFLINE/TERMINATED.
+-- A draining machine claims nothing and finishes what it runs; the flag survives re-registration.
+-- KEYS: epoch, machines, events, machine:<mid>, machine:<mid>:execs
+-- ARGV: prefix, machine_id, action (drain|undrain|offline|terminated)
+-- Reply: {'ok', status} | {'unknown_machine'}
+K = bind_keys({ 'epoch', 'machines', 'events' })
+local mid = uuid_arg(ARGV[2], 'machine_id')
+local action = ARGV[3]
+local mk = want_key(4, 'machine:' .. mid)
+want_key(5, 'machine:' .. mid .. ':execs')
+if action ~= 'drain' and action ~= 'undrain' and action ~= 'offline' and action ~= 'terminated' then
+  argerr('action', 'must be drain, undrain, offline or terminated')
+end
+
+load_epoch()
+local old = redis.call('HGET', mk, 'status')
+if not old then return { 'unknown_machine' } end
+if action == 'drain' or action == 'undrain' then
+  if action == 'drain' then
+    redis.call('HSET', mk, 'drain', '1')
+  else
+    redis.call('HDEL', mk, 'drain')
+  end
+  return { 'ok', machine_refresh(mid, nil, action) }
+end
+local new = string.upper(action)
+redis.call('ZREM', K.machines, mid)
+if old ~= new then
+  redis.call('HSET', mk, 'status', new)
+  redis.call('PEXPIRE', mk, OFFLINE_MACHINE_TTL_MS)
+  emit('machine.status', nil, nil, mid, json_obj({ { 'status', new, 's' }, { 'previous', old, 's' },
+    { 'reason', 'operator', 's' } }))
+end
+return { 'ok', new }

@@ -1,0 +1,37 @@
+-- register: a box announces itself. One machine id per external id, so a restarted agent on the
+-- same box keeps its id; the caller's candidate (a fresh UUIDv7) is used only for a new box.
+-- KEYS: epoch, machines, machine-ids, events, classes:ver
+-- ARGV: prefix, candidate_id, external_id, provider, region, capabilities_json, max_slots
+-- Reply: {'registered', machine_id, reused (0|1), classes_version} | {'restoring'}
+K = bind_keys({ 'epoch', 'machines', 'machine-ids', 'events', 'classes:ver' })
+local candidate = uuid_arg(ARGV[2], 'machine_id')
+local external = str_arg(ARGV[3], 1, 256, 'external_id')
+local provider = str_arg(ARGV[4], 1, 64, 'provider')
+local region = str_arg(ARGV[5], 1, 64, 'region')
+local caps = json_arg(ARGV[6], 262144, 'capabilities')
+local max_slots = int_arg(ARGV[7], 1, 64, 'max_slots')
+
+if not load_epoch() then return { 'restoring' } end
+local mid = redis.call('HGET', K['machine-ids'], external)
+local reused = 1
+if not mid then
+  reused = 0
+  mid = candidate
+  local other = redis.call('HGET', k_machine(mid), 'external_id')
+  if other and other ~= external then argerr('machine_id', 'already belongs to another box') end
+  redis.call('HSET', K['machine-ids'], external, mid)
+end
+local mk = k_machine(mid)
+local now = fmt(now_ms())
+local old = redis.call('HGET', mk, 'status')
+-- The drain flag survives a re-registration: an operator's drain outlives an agent restart.
+redis.call('HSET', mk, 'external_id', external, 'provider', provider, 'region', region,
+  'capabilities', caps, 'max_slots', fmt(max_slots), 'registered_ms', now, 'last_heartbeat_ms', now,
+  'status', 'STARTING')
+redis.call('PERSIST', mk)
+redis.call('ZADD', K.machines, now, mid)
+emit('machine.registered', nil, nil, mid, json_obj({ { 'external_id', external, 's' },
+  { 'provider', provider, 's' }, { 'region', region, 's' }, { 'max_slots', max_slots, 'n' },
+  { 'reused', reused == 1, 'b' }, { 'previous', old, 's' }, { 'capabilities', caps, 'raw' } }))
+machine_refresh(mid, false, 'registered')
+return { 'registered', mid, reused, redis.call('GET', K['classes:ver']) or '0' }
