@@ -1,0 +1,106 @@
+//! Nodes that exist for tests: `EmpSimFail` and `EmpSimSleep`, and the no-op runner behind
+//! extra node types from the configuration.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::image::first_images;
+use super::{Input, Inputs, Latent, NodeCtx, NodeError, NodeOutput, NodeValue};
+use crate::images::Image;
+
+/// ComfyUI appends these tips to an out-of-memory error's message.
+const OOM_TIPS: &str = "This error means you ran out of memory on your GPU.\n\nTIPS: If the workflow worked before you might have accidentally set the batch_size to a large number.";
+
+/// The `value` input passed on as the node's output (`None` when absent).
+fn passthrough(inputs: &Inputs) -> NodeValue {
+    match inputs.get("value") {
+        Some(Input::Linked(value)) => value.clone(),
+        Some(Input::Literal(value)) => NodeValue::Literal(value.clone()),
+        None => NodeValue::Literal(Value::Null),
+    }
+}
+
+fn seconds(inputs: &Inputs, default: f64) -> Result<Duration, NodeError> {
+    let secs = inputs.float_or("seconds", default)?;
+    Ok(Duration::from_secs_f64(if secs.is_finite() {
+        secs.clamp(0.0, 3600.0)
+    } else {
+        0.0
+    }))
+}
+
+/// `EmpSimFail`: waits `seconds`, then raises `exception_type(message)`. An `exception_type`
+/// naming an out-of-memory error gets ComfyUI's OOM tips appended, as the real server does.
+pub async fn fail(_ctx: &NodeCtx, inputs: &Inputs) -> Result<NodeOutput, NodeError> {
+    let message = inputs.string("message")?;
+    let exception_type = match inputs.get("exception_type") {
+        Some(_) => inputs.string("exception_type")?,
+        None => "RuntimeError".to_string(),
+    };
+    let wait = seconds(inputs, 0.0)?;
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    let message = if exception_type.contains("OutOfMemory") {
+        format!("{message}\n{OOM_TIPS}")
+    } else {
+        message
+    };
+    Err(NodeError::exception(&exception_type, message))
+}
+
+/// `EmpSimSleep`: `seconds` split into `steps`, one `progress` event after each (so an
+/// interrupt lands at the next step, like a sampler), then passes `value` on.
+pub async fn sleep(ctx: &NodeCtx, inputs: &Inputs) -> Result<NodeOutput, NodeError> {
+    let total = seconds(inputs, 1.0)?;
+    let steps = match inputs.get("steps") {
+        Some(_) => u64::try_from(inputs.int("steps")?.max(1)).unwrap_or(1),
+        None => 10,
+    };
+    let per_step = total.div_f64(steps as f64);
+    for step in 1..=steps {
+        tokio::time::sleep(per_step).await;
+        ctx.step(step, steps)?;
+    }
+    Ok(NodeOutput::of(vec![passthrough(inputs)]))
+}
+
+/// An extra node type: one delay, then an output per declared type, reusing a linked input of
+/// the same type where there is one (so images flow through custom nodes to `SaveImage`).
+pub async fn extra(ctx: &NodeCtx, inputs: &Inputs, info: &Value) -> Result<NodeOutput, NodeError> {
+    ctx.pace(1).await;
+    let kinds: Vec<String> = info
+        .get("output")
+        .and_then(Value::as_array)
+        .map(|types| {
+            types
+                .iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let values = kinds
+        .iter()
+        .map(|kind| {
+            if let Some(same) = inputs.linked_values().find(|value| value.kind() == kind) {
+                return same.clone();
+            }
+            match kind.as_str() {
+                "IMAGE" => NodeValue::Images(
+                    first_images(inputs)
+                        .unwrap_or_else(|| Arc::new(vec![Image::solid(64, 64, [0, 0, 0])])),
+                ),
+                "LATENT" => NodeValue::Latent(Arc::new(Latent {
+                    width: 8,
+                    height: 8,
+                    tints: vec![[0.0; 3]],
+                })),
+                other => NodeValue::Opaque(other.to_string()),
+            }
+        })
+        .collect();
+    Ok(NodeOutput { values, ui: None })
+}
