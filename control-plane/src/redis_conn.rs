@@ -70,6 +70,16 @@ impl RedisHandle {
         handle
     }
 
+    /// Waits until the first connection is made.
+    pub async fn connected(&self) -> ConnectionManager {
+        loop {
+            if let Ok(connection) = self.get() {
+                return connection;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// A clone of the connection (cheap: it is multiplexed).
     ///
     /// # Errors

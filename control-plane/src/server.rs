@@ -8,8 +8,11 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use tokio_util::task::TaskTracker;
+
 use crate::config::Config;
 use crate::db;
+use crate::dispatch::{self, DutyPeriods};
 use crate::http::{self, AppState};
 use crate::redis_conn::RedisHandle;
 
@@ -79,9 +82,51 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
             source,
         })?;
     let grace = config.shutdown_grace;
+    let redis_client = redis::Client::open(config.redis_url.as_str())
+        .map_err(|error| ServeError::Startup(format!("REDIS_URL: {error}")))?;
     let state = AppState::new(pool, redis, config);
+    let duties = TaskTracker::new();
+    spawn_duties(&state, redis_client, &duties, &shutdown);
     run(listener, state, shutdown, grace).await;
+    duties.close();
+    duties.wait().await;
     Ok(())
+}
+
+/// Starts the background duties once Redis is first reached (it may be down at start).
+fn spawn_duties(state: &AppState, redis_client: redis::Client, duties: &TaskTracker, shutdown: &CancellationToken) {
+    let (db, redis, dispatch) = (state.db.clone(), state.redis.clone(), state.dispatcher.dispatch().clone());
+    let (duties_inner, shutdown) = (duties.clone(), shutdown.clone());
+    duties.spawn(async move {
+        let connection = tokio::select! {
+            () = shutdown.cancelled() => return,
+            connection = redis.connected() => connection,
+        };
+        let mut failures = 0_u32;
+        loop {
+            let started = dispatch::start_duties(
+                &db,
+                &connection,
+                &redis_client,
+                &dispatch,
+                DutyPeriods::default(),
+                &duties_inner,
+                &shutdown,
+            )
+            .await;
+            match started {
+                Ok(()) => return,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, attempt = failures, "cannot start the background duties yet; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(u64::from(failures.min(10)))) => {}
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Serves `state` on `listener` until `shutdown`, then gives in-flight requests up to `grace`.

@@ -292,6 +292,60 @@ pub async fn update_status(
     }
 }
 
+/// QUEUED jobs in submission order (oldest first), created before `older_than` when given,
+/// after the `(created_at, id)` key `after`: the reconciler's scan.
+///
+/// # Errors
+/// Database failures.
+pub async fn queued_page(
+    db: impl PgExecutor<'_>,
+    older_than: Option<DateTime<Utc>>,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<Job>, DbError> {
+    let (after_at, after_id) = after.unwrap_or((DateTime::<Utc>::UNIX_EPOCH, Uuid::nil()));
+    let jobs = sqlx::query_as!(
+        Job,
+        r#"SELECT id, user_id, template_id, custom_workflow, rendered_workflow, parameters,
+             status AS "status: JobStatus", priority, requirements, attempts, max_attempts,
+             timeout_seconds, cancel_requested, include_temp_outputs, created_at, updated_at,
+             started_at, completed_at, failed_at, cancelled_at, error_message, error, metadata,
+             webhook_url, webhook_events
+           FROM job_requests
+           WHERE status = 'QUEUED' AND created_at < COALESCE($1::timestamptz, 'infinity'::timestamptz) AND (created_at, id) > ($2, $3)
+           ORDER BY created_at, id
+           LIMIT $4"#,
+        older_than,
+        after_at,
+        after_id,
+        limit,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(jobs)
+}
+
+/// Marks a cancel as asked for (`cancel_requested`), for a job that runs; the agent stops it
+/// and its end arrives as an event.
+///
+/// # Errors
+/// [`DbError::NotFound`] for an unknown id.
+pub async fn request_cancel(db: impl PgExecutor<'_>, id: Uuid) -> Result<Job, DbError> {
+    let job = sqlx::query_as!(
+        Job,
+        r#"UPDATE job_requests SET cancel_requested = true, updated_at = now() WHERE id = $1
+           RETURNING id, user_id, template_id, custom_workflow, rendered_workflow, parameters,
+             status AS "status: JobStatus", priority, requirements, attempts, max_attempts,
+             timeout_seconds, cancel_requested, include_temp_outputs, created_at, updated_at,
+             started_at, completed_at, failed_at, cancelled_at, error_message, error, metadata,
+             webhook_url, webhook_events"#,
+        id,
+    )
+    .fetch_optional(db)
+    .await?;
+    job.ok_or(DbError::NotFound)
+}
+
 /// One page of a user's jobs, newest first, optionally only those in `status`.
 ///
 /// # Errors

@@ -1,0 +1,199 @@
+//! Submit and cancel: what the REST API calls. Postgres first (the source of truth), then
+//! Redis; a crash between the two leaves a QUEUED row that the reconciler enqueues.
+
+use std::sync::Arc;
+
+use emp_shared::dispatch::{
+    self as redis_dispatch, CancelOutcome, Dispatch, DispatchError, EnqueueOutcome, QueueLimit,
+};
+use emp_shared::payload::JobPayload;
+use emp_shared::requirements::Requirements;
+use emp_shared::status::JobStatus;
+use sqlx::PgPool;
+
+use crate::db::jobs::{self, Job, NewJob};
+use crate::db::{DbError, system_config};
+use crate::redis_conn::RedisHandle;
+
+/// Why a submission or cancel was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchFailure {
+    /// `max_queue_size` jobs are queued already (API: 429 `queue_full`).
+    #[error("the queue holds {queued} jobs, its limit")]
+    QueueFull {
+        /// Jobs queued now.
+        queued: u64,
+    },
+    /// The job already finished (API: 409 `job_finished`).
+    #[error("the job is {0} already")]
+    Finished(JobStatus),
+    /// Redis is not reachable (API: 503).
+    #[error("redis is unreachable")]
+    RedisUnavailable(#[source] Option<DispatchError>),
+    /// A Redis call failed in a way that is a bug or a broken server.
+    #[error("redis: {0}")]
+    Redis(#[source] DispatchError),
+    /// Postgres.
+    #[error("database: {0}")]
+    Db(#[from] DbError),
+    /// A stored job's requirements do not parse (a bug: the API stores them canonical).
+    #[error("job {job_id} has unreadable requirements: {problem}")]
+    CorruptJob {
+        /// The job.
+        job_id: uuid::Uuid,
+        /// What failed.
+        problem: String,
+    },
+}
+
+/// Whether a Redis failure means "unreachable, try later" rather than a bug.
+pub fn is_unreachable(error: &DispatchError) -> bool {
+    match error {
+        DispatchError::Redis(error) => {
+            error.is_io_error()
+                || error.is_timeout()
+                || error.is_connection_dropped()
+                || error.is_connection_refusal()
+        }
+        DispatchError::NoAnswer { .. } => true,
+        _ => false,
+    }
+}
+
+impl From<DispatchError> for DispatchFailure {
+    fn from(error: DispatchError) -> Self {
+        if is_unreachable(&error) {
+            Self::RedisUnavailable(Some(error))
+        } else {
+            Self::Redis(error)
+        }
+    }
+}
+
+/// The outcome of a cancel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cancelled {
+    /// It was QUEUED: it is CANCELLED now (API: 200).
+    Now(Job),
+    /// It is PROCESSING: the agent was asked to stop it (API: 202).
+    Requested(Job),
+}
+
+/// Submits and cancels jobs across Postgres and Redis.
+#[derive(Clone)]
+pub struct Dispatcher {
+    db: PgPool,
+    redis: RedisHandle,
+    dispatch: Arc<Dispatch>,
+}
+
+/// What Redis needs to queue a stored job: its class, requirements and the agent's payload.
+///
+/// # Errors
+/// The stored requirements are not a requirements object (a bug: the API stores them).
+pub fn redis_job(job: &Job) -> Result<redis_dispatch::NewJob, DispatchFailure> {
+    let requirements: Requirements =
+        serde_json::from_value(job.requirements.clone()).map_err(|error| {
+            DispatchFailure::CorruptJob {
+                job_id: job.id,
+                problem: error.to_string(),
+            }
+        })?;
+    let requirements = requirements.into_canonical();
+    let payload = JobPayload {
+        workflow: job.workflow().clone(),
+        timeout_seconds: u32::try_from(job.timeout_seconds).unwrap_or(1),
+        include_temp_outputs: job.include_temp_outputs,
+    };
+    Ok(redis_dispatch::NewJob {
+        job_id: job.id,
+        user_id: job.user_id,
+        class_id: requirements.class_id(),
+        requirements_json: requirements.canonical_json(),
+        priority: u8::try_from(job.priority.clamp(0, 100)).unwrap_or(10),
+        max_attempts: u32::try_from(job.max_attempts).unwrap_or(1),
+        timeout_ms: u64::try_from(job.timeout_seconds).unwrap_or(1) * 1000,
+        payload: payload.to_json(),
+    })
+}
+
+impl Dispatcher {
+    /// A dispatcher over these connections.
+    pub fn new(db: PgPool, redis: RedisHandle, dispatch: Arc<Dispatch>) -> Self {
+        Self {
+            db,
+            redis,
+            dispatch,
+        }
+    }
+
+    /// The Redis side, for callers that read live state.
+    pub fn dispatch(&self) -> &Dispatch {
+        &self.dispatch
+    }
+
+    fn connection(&self) -> Result<redis::aio::ConnectionManager, DispatchFailure> {
+        self.redis
+            .get()
+            .map_err(|_| DispatchFailure::RedisUnavailable(None))
+    }
+
+    /// Stores a QUEUED job and queues it.
+    ///
+    /// The queue limit is checked before anything is written, so a refused job leaves no row;
+    /// concurrent submissions may overshoot it by their number, which the limit tolerates.
+    ///
+    /// # Errors
+    /// [`DispatchFailure::QueueFull`], Redis unreachable (nothing written), or Postgres errors.
+    pub async fn submit(&self, new: &NewJob) -> Result<Job, DispatchFailure> {
+        let mut redis = self.connection()?;
+        let limit = system_config::load(&self.db).await?.max_queue_size;
+        let queued = self.dispatch.queued_count(&mut redis).await?;
+        if queued >= u64::from(limit) {
+            return Err(DispatchFailure::QueueFull { queued });
+        }
+        let job = jobs::create(&self.db, new).await?;
+        // The row is the promise: if Redis fails now, the reconciler queues the job later.
+        match self
+            .dispatch
+            .enqueue(&mut redis, &redis_job(&job)?, QueueLimit::Bypass)
+            .await
+        {
+            Ok(EnqueueOutcome::Queued { .. } | EnqueueOutcome::AlreadyExists { .. }) => {}
+            Ok(EnqueueOutcome::QueueFull { .. }) => unreachable!("the limit is bypassed"),
+            Err(error) => {
+                tracing::warn!(job_id = %job.id, %error, "stored but not queued yet; the reconciler will queue it");
+            }
+        }
+        Ok(job)
+    }
+
+    /// Cancels a job: a QUEUED one at once, a PROCESSING one by asking its agent.
+    ///
+    /// # Errors
+    /// [`DispatchFailure::Finished`] for a finished job; Redis or Postgres failures.
+    pub async fn cancel(&self, job: &Job) -> Result<Cancelled, DispatchFailure> {
+        if job.status.is_terminal() {
+            return Err(DispatchFailure::Finished(job.status));
+        }
+        let mut redis = self.connection()?;
+        match self.dispatch.cancel(&mut redis, &job.id).await? {
+            CancelOutcome::Cancelled | CancelOutcome::Unknown => {
+                // Unknown: Redis lost it (the reconciler has not re-queued it yet); Postgres is
+                // the truth, so cancel it there and the reconciler will not queue it again.
+                match jobs::update_status(&self.db, job.id, JobStatus::Cancelled, None).await {
+                    Ok(job) => Ok(Cancelled::Now(job)),
+                    Err(DbError::IllegalTransition { from, .. }) => {
+                        Err(DispatchFailure::Finished(from))
+                    }
+                    Err(error) => Err(error.into()),
+                }
+            }
+            CancelOutcome::CancelRequested { .. } => {
+                let job = jobs::request_cancel(&self.db, job.id).await?;
+                Ok(Cancelled::Requested(job))
+            }
+            CancelOutcome::Finished(status) => Err(DispatchFailure::Finished(status)),
+        }
+    }
+}
