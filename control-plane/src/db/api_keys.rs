@@ -151,6 +151,22 @@ pub async fn touch_last_used(
     Ok(updated.rows_affected() == 1)
 }
 
+/// A key by id, whoever owns it, revoked or not (an admin may revoke any key by id; callers
+/// check ownership).
+///
+/// # Errors
+/// [`DbError::NotFound`] for an unknown id.
+pub async fn find_by_id(db: impl PgExecutor<'_>, id: Uuid) -> Result<ApiKey, DbError> {
+    let key = sqlx::query_as!(
+        ApiKey,
+        "SELECT id, name, user_id, is_active, created_at, last_used FROM api_keys WHERE id = $1",
+        id,
+    )
+    .fetch_optional(db)
+    .await?;
+    key.ok_or(DbError::NotFound)
+}
+
 /// Revokes one of `user_id`'s keys. Revoking a key twice is not an error.
 ///
 /// # Errors
