@@ -1,40 +1,39 @@
-//! # emp-agent
-//!
-//! Runs on every GPU box: detects what the box can do, registers, heartbeats, claims the jobs it
-//! can run from Redis and runs them on the local ComfyUI (CONTRACT.md section 2).
-//!
-//! This version carries the command line only; detection (`detect`) and the run loop (`run`)
-//! are built on top of the dispatch scripts in `emp-shared`.
+//! The `emp-agent` binary: parses the command line and hands over to the library (see
+//! `lib.rs` for the layout).
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use emp_agent::commands;
+use emp_agent::config::ConfigOverrides;
 
 #[derive(Parser)]
 #[command(
     name = "emp-agent",
     version,
-    about = "emp's agent: runs jobs from Redis on the local ComfyUI"
+    about = "emp's agent: runs jobs from Redis on the local ComfyUI",
+    long_about = "emp's agent: runs jobs from Redis on the local ComfyUI.\n\nSettings come from \
+                  the environment (CONTRACT.md section 2); each flag below overrides its variable."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    config: ConfigOverrides,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Print the capabilities JSON of this box and exit.
     Detect,
-    /// Register, heartbeat and run jobs until SIGTERM/SIGINT.
+    /// Register, heartbeat and run jobs until SIGTERM/SIGINT (not available in this build yet).
     Run,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let name = match cli.command {
-        Command::Detect => "detect",
-        Command::Run => "run",
-    };
-    eprintln!("emp-agent {name}: not available in this version yet");
-    ExitCode::from(70)
+    match cli.command {
+        Command::Detect => commands::detect(&cli.config),
+        Command::Run => commands::run(&cli.config),
+    }
 }
