@@ -1,1 +1,59 @@
-fn main() {}
+//! # emp-bench
+//!
+//! emp's benchmarks, one subcommand each. Only `queries` exists so far; `dispatch`, `api`,
+//! `agent` and `fleet` are to come as siblings (a variant of [`Command`] and a module beside
+//! [`queries`]).
+//!
+//! ```text
+//! src/main.rs          the command line (this file): parses, then calls the subcommand's run
+//! src/pg.rs            the benchmark database: parse its URL, (re)create it, connect
+//! src/latency.rs       latency histograms (hdrhistogram, µs) and their p50 / p99
+//! src/queries/         `emp-bench queries`: repository query latency on a filled database
+//!   mod.rs             arguments, the run (fill or reuse, measure, explain) and the report
+//!   fill.rs + fill.sql the data, generated set-based inside PostgreSQL
+//!   measure.rs         the measured cases, each a call of a real repository function
+//!   plan.rs            the plan of each case, caught with auto_explain, and its indexes
+//! ```
+//!
+//! ## Running
+//!
+//! ```sh
+//! cargo build --release -p emp-bench
+//! target/release/emp-bench queries                      # 1M jobs in emp_bench, 1000 runs each
+//! target/release/emp-bench queries --reuse              # keep the data of an earlier fill
+//! target/release/emp-bench queries --jobs 100000 --executions 200000 --runs 200
+//! ```
+//!
+//! The database comes from `--database-url` or `EMP_BENCH_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/emp_bench`). It is dropped and created again unless
+//! `--reuse` finds a complete fill of the same sizes, so never point it at a database you
+//! want to keep. Plans are read with `auto_explain`, which a superuser must `LOAD`; as another
+//! user the table says so instead of naming indexes.
+
+mod latency;
+mod pg;
+mod queries;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "emp-bench", version, about = "emp's benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Latency of the common repository queries on a database filled to production size.
+    Queries(queries::Args),
+}
+
+// One thread: the measured time is the query and the driver, not the scheduler's hand-offs.
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Queries(args) => queries::run(&args).await,
+    }
+}

@@ -94,8 +94,17 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
 }
 
 /// Starts the background duties once Redis is first reached (it may be down at start).
-fn spawn_duties(state: &AppState, redis_client: redis::Client, duties: &TaskTracker, shutdown: &CancellationToken) {
-    let (db, redis, dispatch) = (state.db.clone(), state.redis.clone(), state.dispatcher.dispatch().clone());
+fn spawn_duties(
+    state: &AppState,
+    redis_client: redis::Client,
+    duties: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let (db, redis, dispatch) = (
+        state.db.clone(),
+        state.redis.clone(),
+        state.dispatcher.dispatch().clone(),
+    );
     let (duties_inner, shutdown) = (duties.clone(), shutdown.clone());
     duties.spawn(async move {
         let connection = tokio::select! {

@@ -99,7 +99,8 @@ impl Fixture {
     }
 
     fn class() -> String {
-        let requirements: Requirements = emp_shared::workflow::derive_requirements(&Self::workflow());
+        let requirements: Requirements =
+            emp_shared::workflow::derive_requirements(&Self::workflow());
         requirements.class_id()
     }
 

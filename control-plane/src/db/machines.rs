@@ -131,14 +131,24 @@ pub async fn heartbeat_many(db: impl PgExecutor<'_>, beats: &[Heartbeat]) -> Res
         ats.push(beat.at);
         statuses.push(beat.status.as_str().to_owned());
     }
+    // The rows are locked in id order before they are updated: two batches over the same
+    // boxes (several persisters at once) would otherwise lock them in whatever order their
+    // plans meet them, and deadlock.
     let updated = sqlx::query!(
-        r#"UPDATE machines m SET
+        r#"WITH v AS (SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[]) AS v(id, at, status)),
+           locked AS (
+             SELECT m.id FROM machines m
+             WHERE m.id IN (SELECT id FROM v) AND m.status <> 'TERMINATED'
+             ORDER BY m.id
+             FOR UPDATE
+           )
+           UPDATE machines m SET
              last_heartbeat = GREATEST(m.last_heartbeat, v.at),
              status = CASE WHEN m.last_heartbeat IS NULL OR v.at >= m.last_heartbeat
                            THEN v.status::machine_status ELSE m.status END,
              updated_at = now()
-           FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[]) AS v(id, at, status)
-           WHERE m.id = v.id AND m.status <> 'TERMINATED'"#,
+           FROM v, locked
+           WHERE m.id = v.id AND m.id = locked.id AND m.status <> 'TERMINATED'"#,
         &ids,
         &ats,
         &statuses,

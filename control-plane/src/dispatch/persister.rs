@@ -289,7 +289,11 @@ struct MachineFold {
 }
 
 /// The fold of `id`, made (and its place in write order taken) on first sight.
-fn fold_of<'a>(folds: &'a mut HashMap<Uuid, JobFold>, order: &mut Vec<Uuid>, id: Uuid) -> &'a mut JobFold {
+fn fold_of<'a>(
+    folds: &'a mut HashMap<Uuid, JobFold>,
+    order: &mut Vec<Uuid>,
+    id: Uuid,
+) -> &'a mut JobFold {
     folds.entry(id).or_insert_with(|| {
         order.push(id);
         JobFold::default()

@@ -47,7 +47,8 @@ impl AppState {
     /// # Panics
     /// When `config.redis_prefix` is not a valid prefix, which [`Config`] validation prevents.
     pub fn new(db: PgPool, redis: RedisHandle, config: Config) -> Self {
-        let dispatch = Dispatch::new(&config.redis_prefix).expect("EMP_REDIS_PREFIX is validated with the configuration");
+        let dispatch = Dispatch::new(&config.redis_prefix)
+            .expect("EMP_REDIS_PREFIX is validated with the configuration");
         Self {
             dispatcher: Dispatcher::new(db.clone(), redis.clone(), Arc::new(dispatch)),
             db,
