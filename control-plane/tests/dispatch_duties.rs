@@ -814,3 +814,43 @@ async fn postgres_down_while_events_flow_loses_nothing() {
     let stored = machines::find_by_id(&fx.db, machine).await.unwrap();
     assert_ne!(stored.status, MachineStatus::Terminated);
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_end_persisted_before_its_claim_still_wins(db: PgPool) {
+    // Two persisters may commit their batches in either order: the batch with a job's end can
+    // land before the batch with its claim.
+    let mut fx = Fixture::new(db, SHARED_REDIS).await;
+    let user = fx.user().await;
+    let job = fx
+        .dispatcher
+        .submit(&Fixture::new_job(user, 10))
+        .await
+        .unwrap();
+    let machine = fx.machine("box-1").await;
+    let (_, execution) = fx.claim(machine).await.unwrap();
+    fx.dispatch
+        .complete(&mut fx.redis, &machine, &execution, "{}")
+        .await
+        .unwrap();
+    // The box registered long before (its registration is persisted first).
+    let mut events = fx.all_events().await;
+    let registration: Vec<Event> = events
+        .iter()
+        .filter(|e| e.event_type.as_str().starts_with("machine."))
+        .cloned()
+        .collect();
+    apply_batch(&fx.db, &registration, "e1").await.unwrap();
+    events.retain(|e| !e.event_type.as_str().starts_with("machine."));
+    let claim_at = events
+        .iter()
+        .position(|e| e.event_type.as_str() == "job.claimed")
+        .unwrap();
+    let (before, after) = events.split_at(claim_at + 1);
+    apply_batch(&fx.db, after, "e1").await.unwrap();
+    apply_batch(&fx.db, before, "e1").await.unwrap();
+    let stored = jobs::find_by_id(&fx.db, job.id).await.unwrap();
+    assert_eq!(stored.status, JobStatus::Completed);
+    let runs = executions::list_of_job(&fx.db, job.id).await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].status, ExecutionStatus::Completed);
+}

@@ -275,6 +275,10 @@ struct JobFold {
 /// An execution's end after a batch's events.
 #[derive(Debug)]
 struct ExecutionEnd {
+    /// The job and machine, when the event named them: with several persisters, the end of an
+    /// execution may be written before the batch holding its claim, so the end can create the
+    /// row (its claim then finds it and changes nothing).
+    owner: Option<(Uuid, Uuid)>,
     status: ExecutionStatus,
     at: DateTime<Utc>,
     error: Option<Value>,
@@ -429,6 +433,7 @@ pub async fn apply_batch(
                     ends.insert(
                         execution,
                         ExecutionEnd {
+                            owner: event.job_id.zip(event.machine_id),
                             status: ExecutionStatus::Completed,
                             at: when,
                             error: None,
@@ -464,6 +469,7 @@ pub async fn apply_batch(
                     ends.insert(
                         execution,
                         ExecutionEnd {
+                            owner: event.job_id.zip(event.machine_id),
                             status: exec_status,
                             at: when,
                             error: ended.error,
@@ -490,6 +496,8 @@ pub async fn apply_batch(
                             ends.insert(
                                 execution,
                                 ExecutionEnd {
+                                    // Only ever marks a row that exists.
+                                    owner: None,
                                     status: ExecutionStatus::Stale,
                                     at: when,
                                     error: None,
@@ -678,13 +686,42 @@ async fn write_execution_ends(
     let mut times = Vec::with_capacity(ends.len());
     let mut errors = Vec::with_capacity(ends.len());
     let mut outputs = Vec::with_capacity(ends.len());
+    let (mut jobs, mut machines_) = (
+        Vec::with_capacity(ends.len()),
+        Vec::with_capacity(ends.len()),
+    );
     for (id, end) in ends {
         ids.push(*id);
         statuses.push(end.status.as_str().to_owned());
         times.push(end.at);
         errors.push(end.error.clone());
         outputs.push(end.outputs.clone());
+        jobs.push(end.owner.map(|(job, _)| job));
+        machines_.push(end.owner.map(|(_, machine)| machine));
     }
+    // Rows another replica's batch has not created yet are created ended (their claim, applied
+    // later, finds them and changes nothing); existing rows are ended by the UPDATE below.
+    sqlx::query!(
+        r#"INSERT INTO job_executions (id, job_request_id, machine_id, status, started_at, completed_at, failed_at, error, error_message, outputs)
+           SELECT v.id, v.job_id, v.machine_id, v.status::execution_status, v.at,
+                  CASE WHEN v.status = 'COMPLETED' THEN v.at END,
+                  CASE WHEN v.status <> 'COMPLETED' THEN v.at END,
+                  v.error, v.error->>'message', v.outputs
+           FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[], $7::jsonb[])
+             AS v(id, job_id, machine_id, status, at, error, outputs)
+           JOIN job_requests j ON j.id = v.job_id
+           JOIN machines m ON m.id = v.machine_id
+           ON CONFLICT (id) DO NOTHING"#,
+        &ids,
+        &jobs as &[Option<Uuid>],
+        &machines_ as &[Option<Uuid>],
+        &statuses,
+        &times,
+        &errors as &[Option<Value>],
+        &outputs as &[Option<Value>],
+    )
+    .execute(&mut *tx)
+    .await?;
     sqlx::query!(
         r#"UPDATE job_executions e SET
              status = v.status::execution_status,
