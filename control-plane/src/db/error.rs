@@ -40,11 +40,15 @@ impl From<sqlx::Error> for DbError {
             sqlx::Error::Database(db) if db.is_unique_violation() => Self::Conflict {
                 constraint: db.constraint().unwrap_or("unique").to_owned(),
             },
-            // 57P01..57P03: the server is shutting down or not accepting connections yet.
+            // 57P01..57P03: the server is shutting down or not accepting connections yet; 08xxx:
+            // connection failures; 53300: too many connections; 57014: statement timeout;
+            // 40001/40P01: serialization failure or deadlock. All may succeed when retried.
             sqlx::Error::Database(db)
-                if db
-                    .code()
-                    .is_some_and(|code| code.starts_with("57P") || code.starts_with("08")) =>
+                if db.code().is_some_and(|code| {
+                    code.starts_with("57P")
+                        || code.starts_with("08")
+                        || matches!(code.as_ref(), "53300" | "57014" | "40001" | "40P01")
+                }) =>
             {
                 Self::Unavailable(error)
             }
