@@ -4,20 +4,44 @@
 //! The recorder is installed once per process as the global `metrics` recorder, so
 //! `metrics::counter!` and friends anywhere in the control plane (dispatch, persister…) reach
 //! the same page, and building many apps in one test process is fine.
+//!
+//! The fleet gauges (jobs and machines by status, queue depth per class, persister lag) are
+//! read when `/metrics` is scraped: a few grouped counts in Postgres and a pipeline in Redis,
+//! each bounded by [`GAUGE_TIMEOUT`]; a side that does not answer keeps its last values.
 
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use emp_shared::status::{JobStatus, MachineStatus};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use super::stats::WINDOW;
+use crate::db::{jobs, machines};
+use crate::dispatch::persister::GROUP;
+use crate::http::AppState;
 
 /// Requests answered, by `method`, `route` (the matched pattern) and `status`.
 pub const REQUESTS_TOTAL: &str = "emp_http_requests_total";
 /// Seconds from a request's arrival to its answer's headers, with the same labels.
 pub const REQUEST_DURATION: &str = "emp_http_request_duration_seconds";
+
+/// Jobs by `status`: QUEUED and PROCESSING all, terminal ones that ended in the last 24 h.
+pub const JOBS: &str = "emp_jobs";
+/// Jobs waiting in each class queue, by `class` (the requirements' class id).
+pub const QUEUE_DEPTH: &str = "emp_queue_depth";
+/// QUEUED jobs in Redis in all (parked ones included): what `max_queue_size` counts.
+pub const QUEUED_TOTAL: &str = "emp_queued_jobs";
+/// Machines by `status`.
+pub const MACHINES: &str = "emp_machines";
+/// Events in the stream not yet persisted (delivered but unacknowledged, plus undelivered).
+pub const PERSISTER_LAG: &str = "emp_persister_lag_events";
+
+/// How long a scrape waits for each side's counts.
+pub const GAUGE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Bucket bounds of the latency histogram: 1 ms to 10 s.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -47,8 +71,9 @@ pub fn handle() -> &'static PrometheusHandle {
 /// Prometheus text of every metric.
 #[utoipa::path(get, path = "/metrics", operation_id = "get_metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format.", content_type = "text/plain")))]
-pub async fn render() -> Response {
+pub async fn render(State(state): State<AppState>) -> Response {
     let handle = handle();
+    tokio::join!(postgres_gauges(&state), redis_gauges(&state));
     handle.run_upkeep();
     (
         [(
@@ -91,5 +116,69 @@ fn method_label(method: &Method) -> &'static str {
         Method::HEAD => "HEAD",
         Method::OPTIONS => "OPTIONS",
         _ => "other",
+    }
+}
+
+/// Jobs and machines by status, from Postgres.
+async fn postgres_gauges(state: &AppState) {
+    let read = async {
+        let jobs = jobs::counts_by_status(&state.db, chrono::Utc::now() - WINDOW).await?;
+        let machines = machines::counts_by_status(&state.db).await?;
+        Ok::<_, crate::db::DbError>((jobs, machines))
+    };
+    match tokio::time::timeout(GAUGE_TIMEOUT, read).await {
+        Ok(Ok((job_counts, machine_counts))) => {
+            for status in JobStatus::ALL {
+                let count: i64 = job_counts
+                    .iter()
+                    .filter(|(s, _)| s == status)
+                    .map(|(_, n)| n)
+                    .sum();
+                metrics::gauge!(JOBS, "status" => status.as_str()).set(count as f64);
+            }
+            for status in MachineStatus::ALL {
+                let count: i64 = machine_counts
+                    .iter()
+                    .filter(|(s, _)| s == status)
+                    .map(|(_, n)| n)
+                    .sum();
+                metrics::gauge!(MACHINES, "status" => status.as_str()).set(count as f64);
+            }
+        }
+        Ok(Err(error)) => tracing::debug!(%error, "metrics: cannot count jobs and machines"),
+        Err(_) => tracing::debug!("metrics: postgres is slow; gauges keep their values"),
+    }
+}
+
+/// Queue depths and the persister's lag, from Redis.
+async fn redis_gauges(state: &AppState) {
+    let Ok(mut redis) = state.redis.get() else {
+        return;
+    };
+    let dispatch = state.dispatcher.dispatch();
+    let read = async {
+        let depths = dispatch.queue_depths(&mut redis).await?;
+        let queued = dispatch.queued_count(&mut redis).await?;
+        let groups: Option<redis::streams::StreamInfoGroupsReply> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(dispatch.keys().events())
+            .query_async(&mut redis)
+            .await
+            .ok();
+        Ok::<_, emp_shared::dispatch::DispatchError>((depths, queued, groups))
+    };
+    match tokio::time::timeout(GAUGE_TIMEOUT, read).await {
+        Ok(Ok((depths, queued, groups))) => {
+            for (class, depth) in depths {
+                metrics::gauge!(QUEUE_DEPTH, "class" => class).set(depth as f64);
+            }
+            metrics::gauge!(QUEUED_TOTAL).set(queued as f64);
+            let lag = groups
+                .and_then(|reply| reply.groups.into_iter().find(|group| group.name == GROUP))
+                .map_or(0, |group| group.pending + group.lag.unwrap_or(0));
+            metrics::gauge!(PERSISTER_LAG).set(lag as f64);
+        }
+        Ok(Err(error)) => tracing::debug!(%error, "metrics: cannot read the queues"),
+        Err(_) => tracing::debug!("metrics: redis is slow; gauges keep their values"),
     }
 }

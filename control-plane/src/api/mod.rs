@@ -16,17 +16,23 @@
 //! - Errors are [`ApiError`](crate::http::error::ApiError) with one constructor per code.
 //!
 //! The routes: [`users`], [`api_keys`], [`templates`] (with [`templates::render`], the
-//! placeholder substitution the job routes apply), [`metrics`] and [`openapi`].
+//! placeholder substitution the job routes apply), [`jobs`] (submit, read, cancel, events),
+//! [`outputs`] (the agent's upload, the owner's download), [`machines`], [`stats`],
+//! [`metrics`] and [`openapi`].
 
 pub mod api_keys;
 pub mod auth;
 pub mod fields;
+pub mod jobs;
 pub mod json;
 pub mod list;
+pub mod machines;
 pub mod metrics;
 pub mod openapi;
+pub mod outputs;
 pub mod path;
 pub mod query;
+pub mod stats;
 pub mod templates;
 pub mod users;
 
@@ -41,6 +47,10 @@ pub fn routes() -> Router<AppState> {
         .merge(users::routes())
         .merge(api_keys::routes())
         .merge(templates::routes())
+        .merge(jobs::routes())
+        .merge(outputs::routes())
+        .merge(machines::routes())
+        .merge(stats::routes())
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::openapi_json))
 }

@@ -13,7 +13,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 use uuid::Uuid;
 
-use super::{api_keys, metrics, templates, users};
+use super::{api_keys, jobs, machines, metrics, outputs, stats, templates, users};
 
 /// The document.
 #[derive(OpenApi)]
@@ -26,20 +26,29 @@ use super::{api_keys, metrics, templates, users};
         users::me, users::create, users::list, users::remove,
         api_keys::create, api_keys::create_for_user, api_keys::list, api_keys::revoke,
         templates::create, templates::list, templates::show, templates::update, templates::remove,
-        metrics::render, openapi_json,
+        jobs::submit::submit, jobs::list, jobs::show, jobs::list_of_user, jobs::list_executions,
+        jobs::cancel, jobs::delete, jobs::events::events, outputs::download,
+        outputs::upload,
+        machines::list, machines::show, machines::drain, machines::undrain,
+        stats::stats, metrics::render, openapi_json,
     ),
-    components(schemas(ErrorBody, ErrorDetail, ValidationDetails, FieldProblem)),
+    components(schemas(ErrorBody, ErrorDetail, ValidationDetails, FieldProblem,
+        JobStatusName, ExecutionStatusName, MachineStatusName)),
     modifiers(&BearerAuth),
     tags(
         (name = "users", description = "Users and the caller."),
         (name = "api-keys", description = "API keys."),
         (name = "templates", description = "Workflow templates with placeholders."),
-        (name = "operations", description = "Metrics and this document."),
+        (name = "jobs", description = "Jobs: submit, read, cancel, follow, and their outputs."),
+        (name = "machines", description = "The GPU boxes (admins)."),
+        (name = "agent", description = "Called by emp-agent with the agent token, not by users."),
+        (name = "operations", description = "Stats, metrics and this document."),
     )
 )]
 pub struct ApiDoc;
 
-/// Adds the `bearer` scheme the paths' `security(("bearer" = []))` refer to.
+/// Adds the `bearer` scheme the paths' `security(("bearer" = []))` refer to, and the `agent`
+/// scheme of the agent-facing routes.
 struct BearerAuth;
 
 impl Modify for BearerAuth {
@@ -51,6 +60,18 @@ impl Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .bearer_format("emp_<64 lowercase hex>")
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "agent",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("EMP_AGENT_TOKEN")
+                    .description(Some(
+                        "The control plane's EMP_AGENT_TOKEN, shared with agents.",
+                    ))
                     .build(),
             ),
         );
@@ -136,4 +157,74 @@ pub struct PageQuery {
 pub struct OwnerQuery {
     /// Admins only: whose list to read (a plain user passing it gets `403`).
     user_id: Option<Uuid>,
+}
+
+/// `status` of job lists.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct JobListQuery {
+    /// Only jobs in this status.
+    status: Option<JobStatusName>,
+}
+
+/// `status` of the machine list.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct MachineListQuery {
+    /// Only machines in this status.
+    status: Option<MachineStatusName>,
+}
+
+/// Where a job is in its life.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code, clippy::upper_case_acronyms)]
+pub enum JobStatusName {
+    /// Waiting for a box.
+    QUEUED,
+    /// Running on a box.
+    PROCESSING,
+    /// Done; outputs are ready.
+    COMPLETED,
+    /// Failed for good (`error` says why).
+    FAILED,
+    /// Cancelled.
+    CANCELLED,
+}
+
+/// How one execution of a job ended.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code, clippy::upper_case_acronyms)]
+pub enum ExecutionStatusName {
+    /// Running now.
+    RUNNING,
+    /// Finished the job.
+    COMPLETED,
+    /// Failed (`error` says why).
+    FAILED,
+    /// Stopped by a cancel.
+    CANCELLED,
+    /// Its lease expired or Redis forgot it; the job was requeued.
+    LOST,
+    /// It reported after another execution had replaced it.
+    STALE,
+}
+
+/// Where a machine is.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code, clippy::upper_case_acronyms)]
+pub enum MachineStatusName {
+    /// Registered, warming up.
+    STARTING,
+    /// Ready for work.
+    AVAILABLE,
+    /// All its slots are taken.
+    BUSY,
+    /// Finishing its jobs, taking no new ones.
+    DRAINING,
+    /// Silent too long.
+    OFFLINE,
+    /// Removed by its provider.
+    TERMINATED,
 }

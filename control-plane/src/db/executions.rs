@@ -100,3 +100,65 @@ pub async fn list_of_job(db: impl PgExecutor<'_>, job_id: Uuid) -> Result<Vec<Ex
     .await?;
     Ok(rows)
 }
+
+/// The execution with this id.
+///
+/// # Errors
+/// [`DbError::NotFound`] when Postgres does not know it (yet: the persister writes it).
+pub async fn find_by_id(db: impl PgExecutor<'_>, id: Uuid) -> Result<Execution, DbError> {
+    let row = sqlx::query_as!(
+        Execution,
+        r#"SELECT id, job_request_id, machine_id, status AS "status: ExecutionStatus",
+             started_at, completed_at, failed_at, error
+           FROM job_executions WHERE id = $1"#,
+        id,
+    )
+    .fetch_optional(db)
+    .await?;
+    row.ok_or(DbError::NotFound)
+}
+
+/// The latest execution (by start) of each of these jobs that has one.
+///
+/// # Errors
+/// Database failures.
+pub async fn latest_of_jobs(
+    db: impl PgExecutor<'_>,
+    job_ids: &[Uuid],
+) -> Result<Vec<Execution>, DbError> {
+    let rows = sqlx::query_as!(
+        Execution,
+        r#"SELECT DISTINCT ON (job_request_id)
+             id, job_request_id, machine_id, status AS "status: ExecutionStatus",
+             started_at, completed_at, failed_at, error
+           FROM job_executions WHERE job_request_id = ANY($1)
+           ORDER BY job_request_id, started_at DESC, id DESC"#,
+        job_ids,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows)
+}
+
+/// How many RUNNING executions each of these machines has, as Postgres knows it (machines
+/// without any are left out).
+///
+/// # Errors
+/// Database failures.
+pub async fn running_counts(
+    db: impl PgExecutor<'_>,
+    machine_ids: &[Uuid],
+) -> Result<Vec<(Uuid, i64)>, DbError> {
+    let rows = sqlx::query!(
+        r#"SELECT machine_id, count(*) AS "count!" FROM job_executions
+           WHERE status = 'RUNNING' AND machine_id = ANY($1)
+           GROUP BY machine_id"#,
+        machine_ids,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.machine_id, row.count))
+        .collect())
+}

@@ -433,3 +433,20 @@ pub async fn counts_by_status(
         .map(|row| (row.status, row.count))
         .collect())
 }
+
+/// How many users submitted a job after `since` (the stats' `active_today`).
+///
+/// # Errors
+/// Database failures.
+pub async fn active_users_since(
+    db: impl PgExecutor<'_>,
+    since: DateTime<Utc>,
+) -> Result<i64, DbError> {
+    let count = sqlx::query_scalar!(
+        r#"SELECT count(DISTINCT user_id) AS "count!" FROM job_requests WHERE created_at > $1"#,
+        since,
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(count)
+}

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use chrono::Utc;
 use emp_shared::dispatch::{
     self as redis_dispatch, CancelOutcome, Dispatch, DispatchError, EnqueueOutcome, QueueLimit,
 };
@@ -11,6 +12,7 @@ use emp_shared::requirements::Requirements;
 use emp_shared::status::JobStatus;
 use sqlx::PgPool;
 
+use crate::db::idempotency::{self, IdempotencyRecord};
 use crate::db::jobs::{self, Job, NewJob};
 use crate::db::{DbError, system_config};
 use crate::redis_conn::RedisHandle;
@@ -77,6 +79,24 @@ pub enum Cancelled {
     Now(Job),
     /// It is PROCESSING: the agent was asked to stop it (API: 202).
     Requested(Job),
+}
+
+/// An `Idempotency-Key` to claim together with a new job.
+#[derive(Debug, Clone, Copy)]
+pub struct IdempotencyClaim<'a> {
+    /// The header's value.
+    pub key: &'a str,
+    /// SHA-256 of the request body in canonical JSON.
+    pub request_hash: &'a str,
+}
+
+/// What [`Dispatcher::submit_with_key`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submission {
+    /// The job was stored (and queued, or left for the reconciler to queue).
+    Created(Box<Job>),
+    /// The key was live already (a concurrent submission got it first): nothing was written.
+    KeyTaken(IdempotencyRecord),
 }
 
 /// Submits and cancels jobs across Postgres and Redis.
@@ -146,13 +166,55 @@ impl Dispatcher {
     /// # Errors
     /// [`DispatchFailure::QueueFull`], Redis unreachable (nothing written), or Postgres errors.
     pub async fn submit(&self, new: &NewJob) -> Result<Job, DispatchFailure> {
+        match self.submit_with_key(new, None).await? {
+            Submission::Created(job) => Ok(*job),
+            Submission::KeyTaken(_) => unreachable!("no idempotency key was given"),
+        }
+    }
+
+    /// [`Self::submit`] with an `Idempotency-Key`: the key is claimed in the job's own
+    /// transaction, so of two concurrent submissions with one key exactly one creates a job.
+    /// When the key is live already, nothing is written or queued and its record comes back.
+    ///
+    /// # Errors
+    /// As [`Self::submit`].
+    pub async fn submit_with_key(
+        &self,
+        new: &NewJob,
+        key: Option<&IdempotencyClaim<'_>>,
+    ) -> Result<Submission, DispatchFailure> {
         let mut redis = self.connection()?;
         let limit = system_config::load(&self.db).await?.max_queue_size;
         let queued = self.dispatch.queued_count(&mut redis).await?;
         if queued >= u64::from(limit) {
             return Err(DispatchFailure::QueueFull { queued });
         }
-        let job = jobs::create(&self.db, new).await?;
+        let job = match key {
+            None => jobs::create(&self.db, new).await?,
+            Some(key) => {
+                let mut tx = self.db.begin().await.map_err(DbError::from)?;
+                let job = jobs::create(&mut *tx, new).await?;
+                let now = Utc::now();
+                if !idempotency::claim(
+                    &mut *tx,
+                    new.user_id,
+                    key.key,
+                    key.request_hash,
+                    job.id,
+                    now,
+                )
+                .await?
+                {
+                    tx.rollback().await.map_err(DbError::from)?;
+                    let record = idempotency::find_live(&self.db, new.user_id, key.key, now)
+                        .await?
+                        .ok_or(DbError::NotFound)?;
+                    return Ok(Submission::KeyTaken(record));
+                }
+                tx.commit().await.map_err(DbError::from)?;
+                job
+            }
+        };
         // The row is the promise: if Redis fails now, the reconciler queues the job later.
         match self
             .dispatch
@@ -165,7 +227,7 @@ impl Dispatcher {
                 tracing::warn!(job_id = %job.id, %error, "stored but not queued yet; the reconciler will queue it");
             }
         }
-        Ok(job)
+        Ok(Submission::Created(Box::new(job)))
     }
 
     /// Cancels a job: a QUEUED one at once, a PROCESSING one by asking its agent.

@@ -1,17 +1,28 @@
 //! The REST API tests' harness: a real server on port 0 over real PostgreSQL (one database per
-//! test, from `#[sqlx::test]`) and Redis, users made straight in the database, and small
-//! request helpers that return the status, the headers and the JSON body.
+//! test, from `#[sqlx::test]`) and Redis (a key prefix of its own per test), users made
+//! straight in the database, and small request helpers that return the status, the headers
+//! and the JSON body. For job tests it also plays the agent's side (register, claim, report
+//! through [`Dispatch`]) and runs the persister on demand; the server itself runs no
+//! background duties.
 //!
 //! Every test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use emp_control_plane::config::Config;
 use emp_control_plane::db::users::{self, Role};
+use emp_control_plane::dispatch::persister::{Persister, PersisterConfig};
 use emp_control_plane::http::AppState;
 use emp_control_plane::redis_conn::RedisHandle;
 use emp_control_plane::server;
+use emp_shared::dispatch::{
+    AgentState, ClaimOutcome, Dispatch, DispatchConfig, Heartbeat, HeartbeatOutcome,
+    HeartbeatReply, RegisterOutcome, Registration,
+};
+use emp_shared::requirements::Requirements;
+use redis::aio::ConnectionManager;
 use reqwest::header::HeaderMap;
 use reqwest::{Method, RequestBuilder};
 use serde_json::{Value, json};
@@ -32,8 +43,45 @@ pub struct TestApp {
     pub client: reqwest::Client,
     /// An admin made at start.
     pub admin: Caller,
+    /// The Redis side of dispatch, under this test's own key prefix.
+    pub dispatch: Dispatch,
+    /// A connection to the test Redis.
+    pub redis: ConnectionManager,
+    /// The server's artifact directory (a fresh temporary one unless the test set it).
+    pub artifact_dir: PathBuf,
     /// Stops the server when the test ends.
     _shutdown: tokio_util::sync::DropGuard,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // Only the temporary directories this harness made; a test's own stays.
+        let made_here = self
+            .artifact_dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with(ARTIFACT_DIR_PREFIX));
+        if made_here {
+            let _ = std::fs::remove_dir_all(&self.artifact_dir);
+        }
+    }
+}
+
+/// Name prefix of the temporary artifact directories [`start`] makes.
+const ARTIFACT_DIR_PREFIX: &str = "emp-test-artifacts-";
+
+/// A started server and what tests need to reach behind it.
+pub struct Started {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// Stops the server when dropped.
+    pub guard: tokio_util::sync::DropGuard,
+    /// Dispatch under the server's key prefix.
+    pub dispatch: Dispatch,
+    /// A Redis connection.
+    pub redis: ConnectionManager,
+    /// The server's artifact directory.
+    pub artifact_dir: PathBuf,
 }
 
 /// A user and one of their keys.
@@ -102,9 +150,9 @@ impl Answer {
     }
 }
 
-async fn redis() -> RedisHandle {
+async fn redis_connection() -> ConnectionManager {
     let client = redis::Client::open(REDIS_URL).unwrap();
-    RedisHandle::from_connection(redis::aio::ConnectionManager::new(client).await.unwrap())
+    ConnectionManager::new(client).await.unwrap()
 }
 
 /// A server with the default configuration.
@@ -114,14 +162,17 @@ pub async fn spawn_app(db: PgPool) -> TestApp {
 
 /// A server whose configuration reads `vars` as its environment.
 pub async fn spawn_app_with(db: PgPool, vars: &[(&str, &str)]) -> TestApp {
-    let (base, shutdown) = start_server(db.clone(), vars).await;
+    let started = start(db.clone(), vars).await;
     let admin = make_caller(&db, "admin@example.com", Role::Admin).await;
     TestApp {
-        base,
+        base: started.base,
         db,
         client: reqwest::Client::new(),
         admin,
-        _shutdown: shutdown,
+        dispatch: started.dispatch,
+        redis: started.redis,
+        artifact_dir: started.artifact_dir,
+        _shutdown: started.guard,
     }
 }
 
@@ -130,16 +181,41 @@ pub async fn start_server(
     db: PgPool,
     vars: &[(&str, &str)],
 ) -> (String, tokio_util::sync::DropGuard) {
-    let vars: Vec<(String, String)> = vars
+    let started = start(db, vars).await;
+    (started.base, started.guard)
+}
+
+/// Starts a server on `db` whose configuration reads `vars` as its environment, with a Redis
+/// key prefix (`t-<uuid>`) and an artifact directory of its own unless `vars` set them, and
+/// Redis prepared the way the server's start-up duties would (scripts, settings, epoch).
+pub async fn start(db: PgPool, vars: &[(&str, &str)]) -> Started {
+    let mut vars: Vec<(String, String)> = vars
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
+    let unique = Uuid::new_v4().simple().to_string();
+    if !vars.iter().any(|(k, _)| k == "EMP_REDIS_PREFIX") {
+        vars.push(("EMP_REDIS_PREFIX".into(), format!("t-{unique}")));
+    }
+    if !vars.iter().any(|(k, _)| k == "EMP_ARTIFACT_DIR") {
+        let dir = std::env::temp_dir().join(format!("{ARTIFACT_DIR_PREFIX}{unique}"));
+        vars.push(("EMP_ARTIFACT_DIR".into(), dir.display().to_string()));
+    }
     let config =
         Config::from_lookup(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
             .unwrap();
+    let dispatch = Dispatch::new(&config.redis_prefix).unwrap();
+    let mut redis = redis_connection().await;
+    dispatch.load_all(&mut redis).await.unwrap();
+    dispatch
+        .set_config(&mut redis, &DispatchConfig::default())
+        .await
+        .unwrap();
+    dispatch.init_epoch(&mut redis, "e1").await.unwrap();
+    let artifact_dir = config.artifact_dir.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let state = AppState::new(db, redis().await, config);
+    let state = AppState::new(db, RedisHandle::from_connection(redis.clone()), config);
     let shutdown = CancellationToken::new();
     tokio::spawn(server::run(
         listener,
@@ -147,7 +223,13 @@ pub async fn start_server(
         shutdown.clone(),
         Duration::from_secs(1),
     ));
-    (base, shutdown.drop_guard())
+    Started {
+        base,
+        guard: shutdown.drop_guard(),
+        dispatch,
+        redis,
+        artifact_dir,
+    }
 }
 
 /// A user with a first key, made in the database.
@@ -209,6 +291,108 @@ impl TestApp {
         send(builder).await
     }
 
+    /// Submits `body` as `key`'s user.
+    pub async fn submit(&self, key: &str, body: &Value) -> Answer {
+        self.post("/api/v1/jobs", key, body).await
+    }
+
+    /// Submits `graph` as a job and returns the job object.
+    pub async fn submit_graph(&self, key: &str, graph: &Value) -> Value {
+        self.submit(key, &json!({ "workflow": graph }))
+            .await
+            .ok(201)
+            .clone()
+    }
+
+    /// Registers a machine (agent side) that is ready for work; returns its id.
+    pub async fn machine(&self, external_id: &str) -> Uuid {
+        let mut redis = self.redis.clone();
+        let outcome = self
+            .dispatch
+            .register(
+                &mut redis,
+                &Registration {
+                    candidate_id: Uuid::now_v7(),
+                    external_id: external_id.to_owned(),
+                    provider: "local".into(),
+                    region: "test".into(),
+                    capabilities_json: r#"{"gpus": []}"#.into(),
+                    max_slots: 4,
+                },
+            )
+            .await
+            .unwrap();
+        let RegisterOutcome::Registered { machine_id, .. } = outcome else {
+            panic!("{outcome:?}")
+        };
+        self.heartbeat(machine_id, &[]).await;
+        machine_id
+    }
+
+    /// A heartbeat of `machine` running `running`; returns the reply.
+    pub async fn heartbeat(&self, machine: Uuid, running: &[Uuid]) -> HeartbeatReply {
+        let mut redis = self.redis.clone();
+        let beat = Heartbeat {
+            machine_id: machine,
+            state: AgentState::Ready,
+            running: running.to_vec(),
+            gpu_stats_json: "{}".into(),
+        };
+        match self.dispatch.heartbeat(&mut redis, &beat).await.unwrap() {
+            HeartbeatOutcome::Accepted(reply) => reply,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Claims the best job of `job`'s class for `machine` (agent side); returns the claimed
+    /// job's id and the execution id, or `None` when nothing is waiting.
+    pub async fn claim(&self, machine: Uuid, job: &Value) -> Option<(Uuid, Uuid)> {
+        let requirements: Requirements =
+            serde_json::from_value(job["requirements"].clone()).unwrap();
+        let mut redis = self.redis.clone();
+        let execution = Uuid::now_v7();
+        match self
+            .dispatch
+            .claim(&mut redis, &machine, &execution, &[requirements.class_id()])
+            .await
+            .unwrap()
+        {
+            ClaimOutcome::Claimed(claimed) => Some((claimed.job_id, claimed.execution_id)),
+            ClaimOutcome::Empty => None,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Writes every event in the stream to Postgres, as the persister duty would.
+    pub async fn persist(&self) -> usize {
+        let client = redis::Client::open(REDIS_URL).unwrap();
+        let reader = emp_shared::dispatch::waiter_connection(&client)
+            .await
+            .unwrap();
+        let mut persister = Persister::new(
+            self.db.clone(),
+            self.redis.clone(),
+            reader,
+            &self.dispatch,
+            PersisterConfig {
+                consumer: "test".to_owned(),
+                batch: 1000,
+                block: Duration::from_millis(20),
+                takeover_after: Duration::from_secs(60),
+            },
+        )
+        .await
+        .unwrap();
+        let mut persisted = 0;
+        loop {
+            let report = persister.step().await.unwrap();
+            persisted += report.persisted;
+            if report.read == 0 {
+                return persisted;
+            }
+        }
+    }
+
     /// Rows in `table` now.
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
@@ -220,7 +404,14 @@ impl TestApp {
     /// Rows of every table a refused request might have written, for before/after checks.
     pub async fn counts(&self) -> Vec<i64> {
         let mut counts = Vec::new();
-        for table in ["users", "api_keys", "job_templates", "job_requests"] {
+        for table in [
+            "users",
+            "api_keys",
+            "job_templates",
+            "job_requests",
+            "idempotency_keys",
+            "job_outputs",
+        ] {
             counts.push(self.count(table).await);
         }
         counts
@@ -311,4 +502,90 @@ pub fn keys(value: &Value) -> Vec<&str> {
 /// A key of the right shape that was never issued.
 pub fn unknown_key() -> String {
     format!("emp_{}", "0".repeat(64))
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    /// `event:` (empty when none).
+    pub name: String,
+    /// `data:` lines joined, parsed as JSON (`Value::Null` when not JSON).
+    pub data: Value,
+}
+
+/// Reads a `text/event-stream` answer event by event.
+pub struct SseReader {
+    response: reqwest::Response,
+    buffer: String,
+    /// Whether the server closed the stream.
+    pub closed: bool,
+}
+
+impl SseReader {
+    /// Opens `path` as `key`'s user; panics unless the answer is a 200 event stream.
+    pub async fn open(app: &TestApp, path: &str, key: &str) -> Self {
+        let response = app
+            .request(Method::GET, path, Some(key))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let content_type = response.headers()["content-type"].to_str().unwrap();
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        Self {
+            response,
+            buffer: String::new(),
+            closed: false,
+        }
+    }
+
+    /// The next event (comments skipped), or `None` once the stream is closed. Panics when
+    /// nothing comes within `wait`.
+    pub async fn next(&mut self, wait: Duration) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut name = String::new();
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if let Some(value) = line.strip_prefix("event:") {
+                        value.trim().clone_into(&mut name);
+                    } else if let Some(value) = line.strip_prefix("data:") {
+                        data.push(value.strip_prefix(' ').unwrap_or(value).to_owned());
+                    }
+                }
+                if name.is_empty() && data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                return Some(SseEvent {
+                    name,
+                    data: serde_json::from_str(&data.join("\n")).unwrap_or(Value::Null),
+                });
+            }
+            if self.closed {
+                return None;
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.response.chunk())
+                .await
+                .expect("an event within the wait")
+                .unwrap();
+            match chunk {
+                Some(bytes) => self.buffer.push_str(&String::from_utf8_lossy(&bytes)),
+                None => self.closed = true,
+            }
+        }
+    }
+
+    /// Events until the stream closes.
+    pub async fn rest(&mut self, wait: Duration) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        while let Some(event) = self.next(wait).await {
+            events.push(event);
+        }
+        events
+    }
 }
