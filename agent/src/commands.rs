@@ -2,9 +2,14 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use crate::config::{Config, ConfigOverrides};
+use crate::config::{Config, ConfigOverrides, Environment};
+use crate::detect::gpu::NvmlProbe;
 use crate::exit_code;
+use crate::fleet::worker::ComfyWorker;
+use crate::fleet::{Agent, FleetSettings};
+use crate::shutdown::Shutdown;
 
 /// `emp-agent detect`: prints the capabilities JSON (pretty) on stdout. A box without GPU or
 /// without ComfyUI is reported, not an error: the exit code is 0 unless the configuration is
@@ -40,14 +45,66 @@ pub fn detect(overrides: &ConfigOverrides) -> ExitCode {
     ExitCode::from(exit_code::OK)
 }
 
-/// `emp-agent run`: not in this build yet. The configuration is still checked, so a bad one
-/// is reported as such (64) rather than hidden behind "not available" (70).
+/// `emp-agent run`: joins the fleet and runs jobs until SIGTERM/SIGINT (see [`crate::fleet`]).
+/// Exit codes: 0 after a clean stop, 64 for a bad setting (named), 69 when Redis or ComfyUI
+/// cannot be reached at start, 70 when the runtime cannot start.
 pub fn run(overrides: &ConfigOverrides) -> ExitCode {
-    if let Err(code) = load_config(overrides) {
-        return code;
-    }
-    eprintln!("emp-agent run: not available in this build yet (only `emp-agent detect` is)");
-    ExitCode::from(exit_code::SOFTWARE)
+    let config = match load_config(overrides) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let settings = match FleetSettings::from_env(&Environment::from_process(), &config) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("emp-agent: {error}");
+            return ExitCode::from(exit_code::CONFIG);
+        }
+    };
+    let worker = match ComfyWorker::new(&config) {
+        Ok(worker) => worker,
+        Err(error) => {
+            eprintln!("emp-agent: bad configuration: {error}");
+            return ExitCode::from(exit_code::CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "could not start the async runtime");
+            return ExitCode::from(exit_code::SOFTWARE);
+        }
+    };
+    let code = runtime.block_on(async move {
+        let shutdown = Shutdown::new();
+        if let Err(error) = shutdown.listen_for_signals() {
+            tracing::error!(%error, "could not install the signal handlers");
+            return exit_code::SOFTWARE;
+        }
+        tracing::info!(
+            machine_id = config.machine_id,
+            provider = config.provider,
+            region = config.region,
+            version = crate::detect::AGENT_VERSION,
+            "emp-agent starting"
+        );
+        let agent = Agent::new(config, settings, Arc::new(NvmlProbe::new()), worker);
+        match agent.run(shutdown).await {
+            Ok(()) => {
+                tracing::info!("emp-agent stopped");
+                exit_code::OK
+            }
+            Err(error) => {
+                tracing::error!(%error, "emp-agent could not start");
+                error.exit_code()
+            }
+        }
+    });
+    // Tasks that ignore cancellation (a blocked NVML call) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ExitCode::from(code)
 }
 
 /// Loads the configuration from the process environment and starts logging; a bad value is

@@ -1,7 +1,7 @@
 //! # emp-agent
 //!
-//! Runs on every GPU box: detects what the box can do, and (soon) registers, heartbeats, claims
-//! the jobs it can run from Redis and runs them on the local ComfyUI (CONTRACT.md section 2).
+//! Runs on every GPU box: detects what the box can do, registers, heartbeats, claims the jobs it
+//! can run from Redis and runs them on the local ComfyUI (CONTRACT.md section 2).
 //!
 //! The binary (`main.rs`) only parses the command line and calls [`commands`]. The library:
 //!
@@ -13,13 +13,27 @@
 //!   - [`detect::system`]: CPU, memory and free disk through `sysinfo`;
 //!   - [`detect::provider`]: provider, machine id and region from the provider's environment;
 //!   - [`detect::comfy_inventory`]: ComfyUI's version, node types and model files over HTTP.
+//! - [`comfy`]: the local ComfyUI's HTTP API ([`comfy::ComfyClient`]) and event socket
+//!   ([`comfy::events`]), as used to run jobs.
+//! - [`execute`]: one claimed job from submit to [`execute::Outcome`]: per-execution output
+//!   prefix, submit, following events (history polling when the socket drops), progress,
+//!   cancel and timeout, and streaming the output files to the control plane.
+//! - [`fleet`]: `emp-agent run`: register, heartbeat, claim, run, report, stop
+//!   ([`fleet::Agent`]); the module doc walks through it step by step.
+//! - [`health`]: whether the box should take jobs (GPU pre-flight, ComfyUI answering).
+//! - [`shutdown`]: SIGTERM/SIGINT, the grace period's tokens, systemd notifications.
 //! - [`logging`]: tracing to stderr, as text or JSON lines.
 //! - [`commands`]: what each subcommand does, returning its exit code ([`exit_code`]).
 
+pub mod comfy;
 pub mod commands;
 pub mod config;
 pub mod detect;
+pub mod execute;
+pub mod fleet;
+pub mod health;
 pub mod logging;
+pub mod shutdown;
 
 /// The process exit codes of CONTRACT.md section 2, plus the sysexits ones we also use.
 pub mod exit_code {

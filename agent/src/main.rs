@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Print the capabilities JSON of this box and exit.
     Detect,
-    /// Register, heartbeat and run jobs until SIGTERM/SIGINT (not available in this build yet).
+    /// Register, heartbeat and run jobs until SIGTERM/SIGINT.
     Run,
 }
 

@@ -176,14 +176,3 @@ fn bad_configuration_exits_64_naming_the_variable() {
         stderr(&output)
     );
 }
-
-#[test]
-fn run_is_not_available_yet() {
-    let output = agent(&["run"], &[("EMP_MACHINE_ID", "box")]);
-    assert_eq!(output.status.code(), Some(70));
-    assert!(
-        stderr(&output).contains("not available"),
-        "{}",
-        stderr(&output)
-    );
-}
