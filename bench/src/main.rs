@@ -30,6 +30,9 @@
 //! want to keep. Plans are read with `auto_explain`, which a superuser must `LOAD`; as another
 //! user the table says so instead of naming indexes.
 
+mod agent;
+mod api;
+mod dispatch;
 mod latency;
 mod pg;
 mod queries;
@@ -47,6 +50,13 @@ struct Cli {
 enum Command {
     /// Latency of the common repository queries on a database filled to production size.
     Queries(queries::Args),
+    /// The Redis side of dispatch: throughput, latencies, commands and Redis CPU per job, and
+    /// the persister's rate into PostgreSQL, each beside its target.
+    Dispatch(dispatch::Args),
+    /// The REST API over HTTP on the filled database: GET and POST of jobs, beside targets.
+    Api(api::Args),
+    /// The agent's own cost: overhead per job on a zero-delay ComfyUI, idle RSS and CPU.
+    Agent(agent::Args),
 }
 
 // One thread: the measured time is the query and the driver, not the scheduler's hand-offs.
@@ -55,5 +65,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Queries(args) => queries::run(&args).await,
+        Command::Dispatch(args) => dispatch::run(&args).await,
+        Command::Api(args) => api::run(&args).await,
+        Command::Agent(args) => agent::run(&args).await,
     }
 }

@@ -44,6 +44,7 @@ pub struct ApiKey {
     /// When it was made.
     pub created_at: DateTime<Utc>,
     /// When it last authenticated a request (to the minute); `null` until then.
+    #[schema(required)]
     pub last_used_at: Option<DateTime<Utc>>,
     /// `false` once revoked.
     pub is_active: bool,
@@ -89,7 +90,8 @@ impl From<api_keys::NewKey> for NewApiKey {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKey {
-    /// A label, 1–200 characters.
+    /// A label: not blank, 1–200 characters.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub name: String,
 }
 

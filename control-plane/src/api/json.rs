@@ -3,9 +3,12 @@
 //! - not `application/json` (parameters such as `charset` allowed), not JSON, or a top level
 //!   that is not an object → `400 malformed_json`;
 //! - more than `EMP_MAX_BODY_BYTES` → `413 payload_too_large` (exactly that many is fine);
-//! - a key `__proto__`, `constructor` or `prototype` at any depth, a field of the wrong type,
-//!   a missing or an unknown field → `422 validation_failed` naming the field by its dotted
-//!   path (`requirements.models.2`).
+//! - a key `__proto__`, `constructor` or `prototype` at any depth, a value that could not be
+//!   stored and read back (a string or a key holding the NUL character U+0000, which
+//!   PostgreSQL refuses in `text` and `jsonb` alike; a number whose exact decimal digits, as
+//!   `jsonb` gives them back, do not parse as a double again), a field of the wrong type, a
+//!   missing or an unknown field → `422 validation_failed` naming the field by its dotted path
+//!   (`requirements.models.2`).
 //!
 //! [`ApiJson`] reads and checks the body as it is extracted. Where the contract wants the
 //! resource checked first (`404` before `400`/`413`/`422`, e.g. `PATCH /templates/{id}`), take
@@ -20,7 +23,7 @@ use axum::body::Body;
 use axum::extract::{FromRequest, Request};
 use axum::http::HeaderMap;
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use emp_shared::workflow::{FieldError, forbidden_keys};
+use emp_shared::workflow::{FieldError, MAX_ERRORS, forbidden_keys};
 use futures::StreamExt as _;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
@@ -79,12 +82,13 @@ impl JsonBody {
         from_object(value)
     }
 
-    /// Reads the body and checks that it is a JSON object free of forbidden keys, without
-    /// giving it a type (for handlers that need the raw value too, e.g. an idempotency hash).
+    /// Reads the body and checks that it is a JSON object free of forbidden keys and of values
+    /// that cannot be stored, without giving it a type (for handlers that need the raw value
+    /// too, e.g. an idempotency hash).
     ///
     /// # Errors
     /// `400 malformed_json`, `413 payload_too_large`, or `422 validation_failed` for forbidden
-    /// keys.
+    /// keys and values that cannot be stored.
     pub async fn parse_object(self) -> Result<Value, ApiError> {
         if !is_json_content_type(&self.headers) {
             return Err(ApiError::malformed_json(
@@ -102,7 +106,60 @@ impl JsonBody {
         if !forbidden.is_empty() {
             return Err(ApiError::validation(forbidden));
         }
+        let mut unstorable = Vec::new();
+        unstorable_values(&value, "", &mut unstorable);
+        if !unstorable.is_empty() {
+            return Err(ApiError::validation(unstorable));
+        }
         Ok(value)
+    }
+}
+
+/// Records, under its dotted path, every value in `value` that PostgreSQL could not store or
+/// that could not be read back once stored: strings and object keys holding the NUL character
+/// (refused in `text` and `jsonb` alike) and numbers for which [`reads_back`] fails. Without
+/// this check such a body is a `500`, or worse a row that breaks every later read of it.
+/// Stops at [`MAX_ERRORS`]. (`serde_json` nests at most 128 levels deep, which bounds the
+/// recursion.)
+fn unstorable_values(value: &Value, path: &str, errors: &mut Vec<FieldError>) {
+    const NUL: &str = "must not contain the NUL character (U+0000)";
+    let here = || if path.is_empty() { "body" } else { path };
+    let child = |segment: &str| {
+        if path.is_empty() {
+            segment.to_owned()
+        } else {
+            format!("{path}.{segment}")
+        }
+    };
+    match value {
+        Value::String(text) if text.contains('\0') => errors.push(FieldError::new(here(), NUL)),
+        Value::Number(number) if !reads_back(number) => errors.push(FieldError::new(
+            here(),
+            "must be a number that can be stored: this one is too close to the largest \
+             double-precision number",
+        )),
+        Value::Array(items) => {
+            for (index, item) in items.iter().enumerate() {
+                if errors.len() >= MAX_ERRORS {
+                    return;
+                }
+                unstorable_values(item, &child(&index.to_string()), errors);
+            }
+        }
+        Value::Object(map) => {
+            for (key, item) in map {
+                if errors.len() >= MAX_ERRORS {
+                    return;
+                }
+                let field = child(key);
+                if key.contains('\0') {
+                    errors.push(FieldError::new(field, NUL));
+                } else {
+                    unstorable_values(item, &field, errors);
+                }
+            }
+        }
+        _ => {}
     }
 }
 
@@ -258,6 +315,67 @@ where
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
+/// Whether `number` survives a trip through a `jsonb` column: PostgreSQL keeps the digits it
+/// is sent (`serde_json` writes a double in its shortest form, `1.7976931348623157e308`) and
+/// gives them back written out in full, without an exponent (309 digits there), which
+/// `serde_json` must parse again. Integers always do; doubles nearest to the largest one do
+/// not (`serde_json` rounds them to infinity and fails).
+fn reads_back(number: &serde_json::Number) -> bool {
+    if !number.is_f64() {
+        return true;
+    }
+    let Some(digits) = plain_decimal(&number.to_string()) else {
+        return false;
+    };
+    serde_json::from_str::<Value>(&digits).is_ok()
+}
+
+/// A JSON number's text (`-1.5e-7`, `2e20`, `3.25`) with its exponent written out, as
+/// PostgreSQL's `numeric` prints it (`-0.00000015`, `200000000000000000000`, `3.25`); `None`
+/// for text that is not a JSON number's.
+fn plain_decimal(text: &str) -> Option<String> {
+    let (negative, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((mantissa, exponent)) => (mantissa, exponent.parse::<i64>().ok()?),
+        None => (unsigned, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if whole.is_empty()
+        || !whole
+            .bytes()
+            .chain(fraction.bytes())
+            .all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let digits = format!("{whole}{fraction}");
+    // Where the decimal point goes, counted from the first digit.
+    let point = i64::try_from(whole.len()).ok()?.checked_add(exponent)?;
+    let mut plain = String::with_capacity(digits.len() + 8);
+    if negative {
+        plain.push('-');
+    }
+    if point <= 0 {
+        plain.push_str("0.");
+        plain.extend(std::iter::repeat_n('0', usize::try_from(-point).ok()?));
+        plain.push_str(&digits);
+    } else {
+        let point = usize::try_from(point).ok()?;
+        if point >= digits.len() {
+            plain.push_str(&digits);
+            plain.extend(std::iter::repeat_n('0', point - digits.len()));
+        } else {
+            plain.push_str(&digits[..point]);
+            plain.push('.');
+            plain.push_str(&digits[point..]);
+        }
+    }
+    Some(plain)
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -342,6 +460,56 @@ mod tests {
                 "must be an integer from -2147483648 to 2147483647".into()
             )
         );
+    }
+
+    #[test]
+    fn names_strings_and_keys_holding_nul() {
+        let mut errors = Vec::new();
+        unstorable_values(
+            &json!({"name": "a\u{0}b", "ok": "fine", "w": {"1": {"inputs": {"x": ["y", "\u{0}"]}}},
+                    "m": {"k\u{0}": 1}}),
+            "",
+            &mut errors,
+        );
+        let mut fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        fields.sort_unstable();
+        assert_eq!(fields, ["m.k\u{0}", "name", "w.1.inputs.x.1"]);
+        let mut errors = Vec::new();
+        unstorable_values(
+            &json!({"name": "plain", "list": [1, "two", null, 1.5e300, -2.5e-300, u64::MAX]}),
+            "",
+            &mut errors,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    #[test]
+    fn names_numbers_that_would_not_read_back() {
+        let mut errors = Vec::new();
+        let body: Value = serde_json::from_str(
+            r#"{"a": [1.7976931348623157e308], "b": {"c": -1.7976931348623155e308}}"#,
+        )
+        .unwrap();
+        unstorable_values(&body, "", &mut errors);
+        let mut fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        fields.sort_unstable();
+        assert_eq!(fields, ["a.0", "b.c"]);
+    }
+
+    #[test]
+    fn writes_exponents_out() {
+        for (text, plain) in [
+            ("3.25", "3.25"),
+            ("-1.5e-7", "-0.00000015"),
+            ("2e20", "200000000000000000000"),
+            ("1.25e1", "12.5"),
+            ("5e-324", &format!("0.{}5", "0".repeat(323))),
+            ("0.0", "0.0"),
+        ] {
+            assert_eq!(plain_decimal(text).as_deref(), Some(plain), "{text}");
+        }
+        assert_eq!(plain_decimal("abc"), None);
+        assert_eq!(plain_decimal("1e99999999999999999999"), None);
     }
 
     #[test]

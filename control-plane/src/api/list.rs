@@ -11,6 +11,7 @@ pub struct List<T> {
     /// The items of this page.
     pub items: Vec<T>,
     /// Pass as `cursor` to read the next page; `null` on the last one.
+    #[schema(required)]
     pub next_cursor: Option<String>,
 }
 

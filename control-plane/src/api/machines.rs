@@ -52,6 +52,7 @@ pub struct MachineView {
     /// `salad`, `vastai`, `local`…
     pub provider: String,
     /// The provider's region, or `null`.
+    #[schema(required)]
     pub region: Option<String>,
     /// `STARTING`, `AVAILABLE`, `BUSY`, `DRAINING`, `OFFLINE` or `TERMINATED`.
     #[schema(value_type = super::openapi::MachineStatusName)]
@@ -60,10 +61,12 @@ pub struct MachineView {
     #[schema(value_type = Object)]
     pub capabilities: Value,
     /// Its last heartbeat.
+    #[schema(required)]
     pub last_heartbeat: Option<DateTime<Utc>>,
     /// First registration.
     pub registered_at: DateTime<Utc>,
     /// When it was TERMINATED.
+    #[schema(required)]
     pub terminated_at: Option<DateTime<Utc>>,
     /// Executions it runs now.
     pub running_jobs: u64,

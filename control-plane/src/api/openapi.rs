@@ -4,16 +4,23 @@
 //! A module with routes adds its handlers to [`ApiDoc`]'s `paths(...)` (and any schema a path
 //! does not reach on its own to `components(schemas(...))`).
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use utoipa::openapi::extensions::Extensions;
+use utoipa::openapi::schema::{
+    ArrayBuilder, KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, SchemaType, Type,
+};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::{IntoParams, Modify, OpenApi, PartialSchema, ToSchema};
 use uuid::Uuid;
 
 use super::{api_keys, jobs, machines, metrics, outputs, stats, templates, users};
+use crate::http::health;
 
 /// The document.
 #[derive(OpenApi)]
@@ -30,10 +37,12 @@ use super::{api_keys, jobs, machines, metrics, outputs, stats, templates, users}
         jobs::cancel, jobs::delete, jobs::events::events, outputs::download,
         outputs::upload,
         machines::list, machines::show, machines::drain, machines::undrain,
-        stats::stats, metrics::render, openapi_json,
+        stats::stats, metrics::render, openapi_json, health::health, health::ready,
     ),
     components(schemas(ErrorBody, ErrorDetail, ValidationDetails, FieldProblem,
-        JobStatusName, ExecutionStatusName, MachineStatusName)),
+        JobStatusName, ExecutionStatusName, MachineStatusName, Workflow, WorkflowNode,
+        RequirementsSchema, JobEvent, Bytes, outputs::OutputKind, jobs::view::JobView, jobs::view::ProgressView,
+        jobs::view::OutputView)),
     modifiers(&BearerAuth),
     tags(
         (name = "users", description = "Users and the caller."),
@@ -146,7 +155,8 @@ pub struct PageQuery {
     /// Items per page, 1–200 (default 50).
     #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page (empty: the first page).
+    #[param(pattern = "^[A-Za-z0-9_-]*$", nullable = false)]
     cursor: Option<String>,
 }
 
@@ -227,4 +237,202 @@ pub enum MachineStatusName {
     OFFLINE,
     /// Removed by its provider.
     TERMINATED,
+}
+
+/// A ComfyUI API-format graph (schema only; `emp_shared::workflow::validate_workflow` checks
+/// it): a non-empty object of node id → [`WorkflowNode`].
+pub struct Workflow;
+
+impl PartialSchema for Workflow {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some(
+                "A ComfyUI API-format graph: a non-empty object of node id (a non-empty string) \
+                 → `{\"class_type\", \"inputs\"}`.",
+            ))
+            .min_properties(Some(1))
+            .property_names(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1)),
+            ))
+            .additional_properties(Some(Ref::from_schema_name(WorkflowNode::name())))
+            .into()
+    }
+}
+
+impl ToSchema for Workflow {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("Workflow")
+    }
+
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((WorkflowNode::name().into_owned(), WorkflowNode::schema()));
+    }
+}
+
+/// One node of a [`Workflow`]; other keys (such as `_meta`) are allowed.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct WorkflowNode {
+    /// The node's type (`KSampler`): not blank.
+    #[schema(pattern = r"\S")]
+    class_type: String,
+    /// Input name → a literal, or a link `["<node id>", <output index>]` to a node of the same
+    /// graph.
+    #[schema(value_type = Object)]
+    inputs: (),
+}
+
+/// `requirements` of a job (schema only; `emp_shared::requirements::Requirements` reads it):
+/// what a box needs. Every key is optional; `null` asks for nothing.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Requirements)]
+#[allow(dead_code)]
+pub struct RequirementsSchema {
+    /// A GPU model such as `RTX 4090` (compared case-insensitively).
+    #[schema(max_length = 1024)]
+    gpu_model: Option<String>,
+    /// The least GPU memory in GB, 0–1024.
+    #[schema(minimum = 0, maximum = 1024)]
+    min_vram_gb: Option<u32>,
+    /// Model files the box must have (at most 1000, no repeats).
+    #[schema(schema_with = requirement_list)]
+    models: Option<Vec<String>>,
+    /// ComfyUI node types the box must have (at most 1000, no repeats).
+    #[schema(schema_with = requirement_list)]
+    node_types: Option<Vec<String>>,
+    /// The provider (`salad`, `vastai`, `local`…).
+    #[schema(max_length = 1024)]
+    provider: Option<String>,
+    /// The provider's region.
+    #[schema(max_length = 1024)]
+    region: Option<String>,
+}
+
+/// `models` and `node_types` of [`RequirementsSchema`]: `null`, or up to 1000 distinct strings
+/// of at most 1024 characters.
+fn requirement_list() -> utoipa::openapi::schema::Array {
+    ArrayBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Array, Type::Null]))
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .max_length(Some(1024)),
+        )
+        .max_items(Some(1000))
+        .unique_items(true)
+        .build()
+}
+
+/// One Server-Sent Event of `GET /api/v1/jobs/{id}/events` (schema only; OpenAPI 3.1 has an
+/// event stream's `schema` describe each event): its `event` name and its `data`, a JSON text
+/// whose schema depends on the name.
+pub struct JobEvent;
+
+impl PartialSchema for JobEvent {
+    fn schema() -> RefOr<Schema> {
+        let event = |name: &str, data: Cow<'static, str>, description: &str| {
+            // `contentSchema` (JSON Schema 2020-12) has no builder method in utoipa.
+            let mut content = Extensions::default();
+            content.insert(
+                "contentSchema".to_owned(),
+                serde_json::json!({ "$ref": format!("#/components/schemas/{data}") }),
+            );
+            ObjectBuilder::new()
+                .description(Some(description))
+                .property(
+                    "event",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .enum_values(Some([name])),
+                )
+                .required("event")
+                .property(
+                    "data",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .content_media_type("application/json")
+                        .extensions(Some(content)),
+                )
+                .required("data")
+        };
+        OneOfBuilder::new()
+            .description(Some(
+                "An event of the stream; comment lines (keep-alives) carry no event.",
+            ))
+            .item(event(
+                "status",
+                jobs::view::JobView::name(),
+                "The job object: first, and on every status change.",
+            ))
+            .item(event(
+                "progress",
+                jobs::view::ProgressView::name(),
+                "Progress of the running execution.",
+            ))
+            .item(event(
+                "output",
+                jobs::view::OutputView::name(),
+                "A file the job produced.",
+            ))
+            .item(event(
+                "done",
+                jobs::view::JobView::name(),
+                "The final job object; the stream closes after it.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for JobEvent {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("JobEvent")
+    }
+}
+
+/// A file's raw bytes as a request or response body (schema only).
+pub struct Bytes;
+
+impl PartialSchema for Bytes {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .description(Some("The file's bytes, as they are."))
+            .into()
+    }
+}
+
+impl ToSchema for Bytes {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("Bytes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use emp_shared::requirements::{MAX_LIST_LEN, MAX_STRING_CHARS, MAX_VRAM_GB};
+
+    use super::*;
+
+    #[test]
+    fn the_requirements_schema_has_the_checks_bounds() {
+        let schema = serde_json::to_value(RequirementsSchema::schema()).unwrap();
+        let properties = &schema["properties"];
+        assert_eq!(properties["min_vram_gb"]["maximum"], MAX_VRAM_GB);
+        for list in ["models", "node_types"] {
+            assert_eq!(properties[list]["maxItems"], MAX_LIST_LEN, "{list}");
+            assert_eq!(
+                properties[list]["items"]["maxLength"], MAX_STRING_CHARS,
+                "{list}"
+            );
+        }
+        for text in ["gpu_model", "provider", "region"] {
+            assert_eq!(properties[text]["maxLength"], MAX_STRING_CHARS, "{text}");
+        }
+        assert_eq!(schema["additionalProperties"], false);
+    }
 }

@@ -108,6 +108,17 @@ impl From<Output> for UploadedOutput {
     }
 }
 
+/// `kind` of an upload (schema only; [`upload_params`] reads it).
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum OutputKind {
+    /// ComfyUI's `output` folder.
+    Output,
+    /// ComfyUI's `temp` folder (jobs with `include_temp_outputs`).
+    Temp,
+}
+
 /// An agent, authenticated by `Authorization: Bearer <EMP_AGENT_TOKEN>`.
 #[derive(Debug, Clone, Copy)]
 pub struct Agent;
@@ -328,12 +339,15 @@ fn upload_params(query: &str, headers: &HeaderMap) -> Result<UploadParams, ApiEr
     security(("agent" = [])),
     params(
         ("execution_id" = Uuid, Path, description = "The execution (the claim's fencing token)."),
-        ("node_id" = String, Query, description = "The ComfyUI node that wrote the file (1–255 characters)."),
-        ("filename" = String, Query, description = "The file's name; reduced to its last component and `[A-Za-z0-9._-]`."),
-        ("content_type" = Option<String>, Query, description = "Its media type; default the request's `Content-Type`, else guessed from the name."),
-        ("kind" = Option<String>, Query, description = "ComfyUI's folder of the file: `output` (default) or `temp`."),
+        ("node_id" = String, Query, min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$",
+            description = "The ComfyUI node that wrote the file (1–255 characters, no control characters)."),
+        ("filename" = String, Query, min_length = 1, max_length = 1024, pattern = r"\S",
+            description = "The file's name (not blank, at most 1024 characters); reduced to its last component and `[A-Za-z0-9._-]`."),
+        ("content_type" = Option<String>, Query, nullable = false, max_length = 255, pattern = r"^[!-.0-:<-~]+/[!-.0-:<-~]+(;[ -~]*)?$",
+            description = "Its media type (`type/subtype`, parameters allowed); default the request's `Content-Type`, else guessed from the name."),
+        ("kind" = Option<OutputKind>, Query, nullable = false, description = "ComfyUI's folder of the file: `output` (default) or `temp`."),
     ),
-    request_body(content = Vec<u8>, description = "The file's bytes (raw body, at most 2 GiB).", content_type = "application/octet-stream"),
+    request_body(content = super::openapi::Bytes, description = "The file's bytes (raw body, at most 2 GiB).", content_type = "application/octet-stream"),
     responses(
         (status = 201, description = "Stored.", body = UploadedOutput),
         (status = 400, description = "The query string is broken.", body = ErrorBody),
@@ -518,7 +532,7 @@ fn artifact_path(root: &Path, storage_key: &str) -> Option<PathBuf> {
         ("output_id" = Uuid, Path, description = "The output's id."),
     ),
     responses(
-        (status = 200, description = "The file, with its media type.", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 200, description = "The file's bytes, with the media type it was uploaded with (`image/png`…; `application/octet-stream` when unknown).", content_type = "*/*", body = super::openapi::Bytes),
         (status = 401, description = "No, unknown or revoked key.", body = ErrorBody),
         (status = 404, description = "No such job among the caller's, or no such output of it.", body = ErrorBody),
     ))]

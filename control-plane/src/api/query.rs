@@ -15,6 +15,7 @@ use std::str::FromStr as _;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use emp_shared::workflow::FieldError;
 use uuid::Uuid;
 
@@ -44,6 +45,22 @@ impl Default for PageRequest {
         }
     }
 }
+
+/// The earliest and latest time a cursor may hold. A cursor this server issued holds a row's
+/// timestamp, well inside these years; a forged one outside them (PostgreSQL cannot even
+/// compare a `timestamptz` before 4713 BC) is refused like any other foreign cursor.
+const EARLIEST_CURSOR: DateTime<Utc> = DateTime::<Utc>::from_naive_utc_and_offset(
+    NaiveDate::from_ymd_opt(1, 1, 1)
+        .expect("a valid date")
+        .and_time(NaiveTime::MIN),
+    Utc,
+);
+const LATEST_CURSOR: DateTime<Utc> = DateTime::<Utc>::from_naive_utc_and_offset(
+    NaiveDate::from_ymd_opt(9999, 12, 31)
+        .expect("a valid date")
+        .and_time(NaiveTime::MIN),
+    Utc,
+);
 
 /// The decoded parameters of a query string, consumed by name; see the module documentation.
 #[derive(Debug, Default)]
@@ -139,7 +156,10 @@ impl QueryParams {
                 if raw.is_empty() {
                     Some(None)
                 } else {
-                    Cursor::decode(raw).ok().map(Some)
+                    Cursor::decode(raw)
+                        .ok()
+                        .filter(|cursor| (EARLIEST_CURSOR..=LATEST_CURSOR).contains(&cursor.at))
+                        .map(Some)
                 }
             },
             "is not a cursor this server issued",
@@ -265,6 +285,19 @@ mod tests {
             let mut query = QueryParams::decode(bad).unwrap();
             query.page();
             assert_eq!(fields(&query.finish().unwrap_err()), ["limit"], "{bad}");
+        }
+        for micros in [
+            i64::MIN / 2,
+            -62_135_596_800_000_001,
+            253_402_300_800_000_000,
+        ] {
+            let forged = Cursor {
+                at: chrono::DateTime::from_timestamp_micros(micros).unwrap(),
+                id: Uuid::now_v7(),
+            };
+            let mut query = QueryParams::decode(&format!("cursor={}", forged.encode())).unwrap();
+            query.page();
+            assert_eq!(fields(&query.finish().unwrap_err()), ["cursor"], "{micros}");
         }
         let mut query = QueryParams::decode("cursor=nope&limit=2&limit=3&zzz=1").unwrap();
         query.page();

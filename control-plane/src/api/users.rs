@@ -36,13 +36,27 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// What a user may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Sees and changes only their own resources.
     User,
     /// May read and change any resource, and manage users.
     Admin,
+}
+
+impl<'de> Deserialize<'de> for Role {
+    /// From the strings `user` and `admin` only. (serde's derive would also take the
+    /// externally tagged form, `{"admin": null}`, which the contract does not allow.)
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const NAMES: &[&str] = &["user", "admin"];
+        let name = String::deserialize(deserializer)?;
+        match name.as_str() {
+            "user" => Ok(Self::User),
+            "admin" => Ok(Self::Admin),
+            other => Err(serde::de::Error::unknown_variant(other, NAMES)),
+        }
+    }
 }
 
 impl From<users::Role> for Role {
@@ -71,6 +85,7 @@ pub struct User {
     /// Unique among live users, compared case-insensitively.
     pub email: String,
     /// Display name; `null` when none was given.
+    #[schema(required)]
     pub name: Option<String>,
     /// `user` or `admin`.
     pub role: Role,
@@ -95,9 +110,11 @@ impl From<users::User> for User {
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
     /// The new user's email; unique, compared case-insensitively.
+    #[schema(format = Email, min_length = 3, max_length = 320)]
     pub email: String,
-    /// Display name.
+    /// Display name: not blank, at most 200 characters.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub name: Option<String>,
     /// `user` (the default) or `admin`.
     #[serde(default)]

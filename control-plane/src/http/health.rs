@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::AppState;
 use crate::db;
@@ -16,9 +17,10 @@ use crate::db;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The body of `GET /health`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct HealthReport {
     /// `ok` or `degraded`.
+    #[schema(value_type = HealthStatus)]
     pub status: &'static str,
     /// PostgreSQL.
     pub database: Probe,
@@ -26,8 +28,19 @@ pub struct HealthReport {
     pub redis: Probe,
 }
 
+/// `status` of `GET /health` (schema only).
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum HealthStatus {
+    /// Both services answer.
+    Ok,
+    /// At least one does not.
+    Degraded,
+}
+
 /// One service's answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Probe {
     /// Whether it answered in time.
     pub ok: bool,
@@ -64,6 +77,11 @@ async fn probe_redis(state: &AppState) -> Probe {
 }
 
 /// `GET /health`: 200 when both services answer, else 503 `degraded`.
+#[utoipa::path(get, path = "/health", operation_id = "get_health", tag = "operations",
+    responses(
+        (status = 200, description = "Both PostgreSQL and Redis answer.", body = HealthReport),
+        (status = 503, description = "`degraded`: the failing side has `ok: false`.", body = HealthReport),
+    ))]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthReport>) {
     let (database, redis) = tokio::join!(probe_database(&state), probe_redis(&state));
     let healthy = database.ok && redis.ok;
@@ -81,7 +99,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthRe
 }
 
 /// The body of `GET /ready`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[allow(clippy::struct_excessive_bools)] // a wire format: one flag per condition of readiness
 pub struct Readiness {
     /// Whether this replica should get traffic.
@@ -95,6 +113,11 @@ pub struct Readiness {
 }
 
 /// `GET /ready`: 200 once migrations ran and both services answer, else 503.
+#[utoipa::path(get, path = "/ready", operation_id = "get_ready", tag = "operations",
+    responses(
+        (status = 200, description = "Migrated, and both PostgreSQL and Redis answer.", body = Readiness),
+        (status = 503, description = "Not ready: the flags say why.", body = Readiness),
+    ))]
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let (database, redis) = tokio::join!(probe_database(&state), probe_redis(&state));
     let mut migrated = state.schema_current.load(Ordering::Relaxed);

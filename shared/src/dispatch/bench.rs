@@ -1,6 +1,7 @@
-//! Helpers for benchmarks and tests: a throw-away prefix with its setup, the claim+complete
-//! cycle benchmark, `INFO commandstats` snapshots, and cleanup. Not for production paths (cleanup
-//! uses SCAN).
+//! Helpers for benchmarks and tests: a throw-away prefix with its setup, bulk enqueue, the
+//! claim+complete cycle benchmark, Redis-wide counters (`INFO commandstats` and `INFO cpu`), a
+//! connection that counts what a client sends, and cleanup. Not for production paths (cleanup
+//! uses SCAN). `emp-bench dispatch` is built on these.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 use uuid::Uuid;
 
 use super::client::Dispatch;
@@ -104,6 +106,16 @@ pub fn new_job(user_id: Uuid, class_id: &str) -> NewJob {
     }
 }
 
+/// A JSON payload of about `bytes` bytes (`{"workflow":{"pad":"xxx…"}}`), at least the smallest
+/// such object.
+pub fn payload_of(bytes: usize) -> String {
+    let frame = r#"{"workflow":{"pad":""}}"#;
+    format!(
+        r#"{{"workflow":{{"pad":"{}"}}}}"#,
+        "x".repeat(bytes.saturating_sub(frame.len()))
+    )
+}
+
 /// Deletes every key of a prefix (SCAN + UNLINK). Returns how many.
 ///
 /// # Errors
@@ -142,27 +154,7 @@ pub async fn delete_prefix<C: ConnectionLike + Send>(
 pub async fn command_calls<C: ConnectionLike + Send>(
     con: &mut C,
 ) -> Result<HashMap<String, u64>, DispatchError> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(con)
-        .await?;
-    let mut out = HashMap::new();
-    for line in info.lines() {
-        let Some(rest) = line.strip_prefix("cmdstat_") else {
-            continue;
-        };
-        let Some((name, stats)) = rest.split_once(':') else {
-            continue;
-        };
-        let calls = stats
-            .split(',')
-            .find_map(|kv| kv.strip_prefix("calls="))
-            .and_then(|n| n.parse().ok());
-        if let Some(calls) = calls {
-            out.insert(name.to_owned(), calls);
-        }
-    }
-    Ok(out)
+    Ok(server_stats(con).await?.calls)
 }
 
 /// `after - before` per command, zero deltas left out.
@@ -179,6 +171,225 @@ pub fn command_deltas<S: std::hash::BuildHasher>(
         .collect()
 }
 
+/// Redis-wide counters at one moment: calls and time per command (`INFO commandstats`, which
+/// counts the commands scripts run too; an EVALSHA's time includes its commands') and the
+/// server's CPU time (`INFO cpu`, user + system).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerStats {
+    pub calls: HashMap<String, u64>,
+    /// Microseconds spent executing each command (wall clock inside Redis).
+    pub usec: HashMap<String, u64>,
+    pub cpu_seconds: f64,
+}
+
+/// Reads [`ServerStats`] (one `INFO commandstats cpu`).
+///
+/// # Errors
+/// Redis errors.
+pub async fn server_stats<C: ConnectionLike + Send>(
+    con: &mut C,
+) -> Result<ServerStats, DispatchError> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .arg("cpu")
+        .query_async(con)
+        .await?;
+    Ok(parse_info(&info))
+}
+
+fn parse_info(info: &str) -> ServerStats {
+    let mut stats = ServerStats::default();
+    for line in info.lines() {
+        if let Some(rest) = line.strip_prefix("cmdstat_") {
+            let Some((name, fields)) = rest.split_once(':') else {
+                continue;
+            };
+            let field = |key: &str| -> Option<u64> {
+                fields
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(key))
+                    .and_then(|n| n.trim().parse().ok())
+            };
+            if let Some(calls) = field("calls=") {
+                stats.calls.insert(name.to_owned(), calls);
+            }
+            if let Some(usec) = field("usec=") {
+                stats.usec.insert(name.to_owned(), usec);
+            }
+        } else if let Some(value) = line
+            .strip_prefix("used_cpu_sys:")
+            .or_else(|| line.strip_prefix("used_cpu_user:"))
+        {
+            stats.cpu_seconds += value.trim().parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    stats
+}
+
+/// What happened on the server between two [`ServerStats`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StatsDelta {
+    /// Calls per command, zero deltas left out.
+    pub calls: HashMap<String, u64>,
+    /// Microseconds per command, zero deltas left out.
+    pub usec: HashMap<String, u64>,
+    /// Server CPU seconds (user + system).
+    pub cpu_seconds: f64,
+}
+
+/// Commands a dispatch client sends itself (everything else counted during a benchmark ran
+/// inside scripts, or came from another client of the same Redis).
+const CLIENT_COMMANDS: &[&str] = &[
+    "evalsha",
+    "evalsha_ro",
+    "eval",
+    "eval_ro",
+    "blpop",
+    "info",
+    "script|load",
+    "ping",
+    "hello",
+    "select",
+    "client|setinfo",
+    "client|setname",
+];
+
+impl ServerStats {
+    /// What changed from `self` to `later`.
+    pub fn until(&self, later: &ServerStats) -> StatsDelta {
+        StatsDelta {
+            calls: command_deltas(&self.calls, &later.calls),
+            usec: command_deltas(&self.usec, &later.usec),
+            cpu_seconds: (later.cpu_seconds - self.cpu_seconds).max(0.0),
+        }
+    }
+}
+
+impl StatsDelta {
+    /// Calls of one command.
+    pub fn calls_of(&self, command: &str) -> u64 {
+        self.calls.get(command).copied().unwrap_or(0)
+    }
+
+    /// Commands run inside scripts: every call except those clients send (EVALSHA, BLPOP,
+    /// INFO…). Redis-wide, so other clients' plain commands would be counted too.
+    pub fn inside_scripts(&self) -> u64 {
+        self.calls
+            .iter()
+            .filter(|(k, _)| !CLIENT_COMMANDS.contains(&k.as_str()))
+            .map(|(_, v)| *v)
+            .sum()
+    }
+
+    /// Microseconds Redis spent in script calls (EVALSHA, their commands included) and, of
+    /// those, in the commands the scripts ran: the rest is Lua and the glue between the two.
+    pub fn script_time(&self) -> (u64, u64) {
+        let scripts = ["evalsha", "evalsha_ro", "eval", "eval_ro"]
+            .iter()
+            .filter_map(|c| self.usec.get(*c))
+            .sum();
+        let inside = self
+            .usec
+            .iter()
+            .filter(|(k, _)| !CLIENT_COMMANDS.contains(&k.as_str()))
+            .map(|(_, v)| *v)
+            .sum();
+        (scripts, inside)
+    }
+
+    /// Commands inside scripts, most called first.
+    pub fn inside_by_command(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .calls
+            .iter()
+            .filter(|(k, _)| !CLIENT_COMMANDS.contains(&k.as_str()))
+            .map(|(k, n)| (k.clone(), *n))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v
+    }
+}
+
+/// A connection that counts the commands sent through it (pipelines count each command), so a
+/// benchmark knows exactly what its client sent while Redis-wide counters include everyone.
+/// Clones share the count.
+#[derive(Clone)]
+pub struct Counting<C> {
+    inner: C,
+    sent: Arc<AtomicU64>,
+}
+
+impl<C> Counting<C> {
+    /// Wraps `inner`, adding to `sent`.
+    pub fn new(inner: C, sent: Arc<AtomicU64>) -> Self {
+        Self { inner, sent }
+    }
+}
+
+impl<C: ConnectionLike + Send> ConnectionLike for Counting<C> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        self.inner.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        self.sent
+            .fetch_add(pipeline.len() as u64, Ordering::Relaxed);
+        self.inner.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+/// Enqueues `jobs` over `tasks` concurrent tasks sharing `con` (a multiplexed connection
+/// pipelines them). Returns how many were queued (not already there, not refused).
+///
+/// # Errors
+/// Redis errors.
+pub async fn enqueue_all<C>(
+    dispatch: &Arc<Dispatch>,
+    con: &C,
+    jobs: Vec<NewJob>,
+    tasks: usize,
+) -> Result<usize, DispatchError>
+where
+    C: ConnectionLike + Send + Clone + 'static,
+{
+    let tasks = tasks.max(1);
+    let mut chunks: Vec<Vec<NewJob>> = (0..tasks).map(|_| Vec::new()).collect();
+    for (i, job) in jobs.into_iter().enumerate() {
+        chunks[i % tasks].push(job);
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for chunk in chunks {
+        let (d, mut c) = (dispatch.clone(), con.clone());
+        set.spawn(async move {
+            let mut queued = 0;
+            for job in &chunk {
+                if matches!(
+                    d.enqueue(&mut c, job, QueueLimit::Bypass).await?,
+                    EnqueueOutcome::Queued { .. }
+                ) {
+                    queued += 1;
+                }
+            }
+            Ok::<usize, DispatchError>(queued)
+        });
+    }
+    let mut queued = 0;
+    while let Some(r) = set.join_next().await {
+        queued += r.expect("enqueue task panicked")?;
+    }
+    Ok(queued)
+}
+
 /// What [`claim_complete`] measured.
 #[derive(Debug, Clone)]
 pub struct BenchReport {
@@ -192,9 +403,33 @@ pub struct BenchReport {
     /// `INFO commandstats` deltas over the claim/complete phase (Redis-wide: anything else
     /// running on the same Redis is counted too).
     pub command_deltas: HashMap<String, u64>,
-    /// Commands run inside scripts per job (all deltas except EVALSHA, INFO and the claimers'
-    /// empty claims' own commands, which are few).
+    /// Commands run inside scripts per job (claim + complete).
     pub commands_per_job: f64,
+    /// Commands the claimers sent per job (claim and complete calls, the last empty claims).
+    pub client_commands_per_job: f64,
+    /// Redis CPU seconds over the claim/complete phase.
+    pub cpu_seconds: f64,
+    /// Everything Redis counted over the claim/complete phase.
+    pub phase: StatsDelta,
+    /// The same over the enqueue phase, with its command deltas.
+    pub enqueue: StatsDelta,
+    /// How long enqueueing took.
+    pub enqueue_elapsed: Duration,
+}
+
+/// How [`claim_complete_with`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct CycleBench {
+    /// Concurrent claimers, each a machine of its own.
+    pub claimers: usize,
+    /// Jobs enqueued first, then claimed and completed.
+    pub jobs: usize,
+    /// Connections the claimers share (round robin); each is multiplexed.
+    pub connections: usize,
+    /// Slots per machine.
+    pub slots: u32,
+    /// Payload size in bytes ([`payload_of`]); 0 for [`new_job`]'s small one.
+    pub payload_bytes: usize,
 }
 
 /// Enqueues `jobs` jobs of one class, then `claimers` machines (one slot each) claim and
@@ -207,51 +442,98 @@ pub async fn claim_complete(
     claimers: usize,
     jobs: usize,
 ) -> Result<BenchReport, DispatchError> {
+    claim_complete_with(
+        client,
+        CycleBench {
+            claimers,
+            jobs,
+            connections: claimers.min(16),
+            slots: 1,
+            payload_bytes: 0,
+        },
+    )
+    .await
+}
+
+/// [`claim_complete`] with every knob.
+///
+/// # Errors
+/// Redis errors.
+pub async fn claim_complete_with(
+    client: &redis::Client,
+    bench: CycleBench,
+) -> Result<BenchReport, DispatchError> {
+    let CycleBench { claimers, jobs, .. } = bench;
     let dispatch = Arc::new(Dispatch::new(&random_prefix("bench"))?);
     let mut con = connection_manager(client, Duration::from_secs(10)).await?;
+    let result = cycle_phases(client, &dispatch, &mut con, bench).await;
+    delete_prefix(&mut con, dispatch.keys()).await?;
+    let (cycles, elapsed, phase, sent, enqueue, enqueue_elapsed) = result?;
+    Ok(BenchReport {
+        claimers,
+        jobs,
+        cycles,
+        elapsed,
+        cycles_per_sec: cycles as f64 / elapsed.as_secs_f64().max(1e-9),
+        commands_per_job: phase.inside_scripts() as f64 / (cycles.max(1) as f64),
+        client_commands_per_job: sent as f64 / (cycles.max(1) as f64),
+        cpu_seconds: phase.cpu_seconds,
+        command_deltas: phase.calls.clone(),
+        phase,
+        enqueue,
+        enqueue_elapsed,
+    })
+}
+
+type Phases = (u64, Duration, StatsDelta, u64, StatsDelta, Duration);
+
+async fn cycle_phases(
+    client: &redis::Client,
+    dispatch: &Arc<Dispatch>,
+    con: &mut ConnectionManager,
+    bench: CycleBench,
+) -> Result<Phases, DispatchError> {
     let config = DispatchConfig {
         max_concurrent_jobs_per_user: u32::MAX / 2,
         max_queue_size: u64::MAX / 2,
         ..DispatchConfig::default()
     };
-    prepare(&dispatch, &mut con, &config).await?;
+    prepare(dispatch, con, &config).await?;
     let class = class_id(1);
     let user = Uuid::now_v7();
-    // Enqueue concurrently: the multiplexed connection pipelines the calls.
-    let mut set = tokio::task::JoinSet::new();
-    let per_task = jobs.div_ceil(16);
-    for t in 0..16 {
-        let n = per_task.min(jobs.saturating_sub(t * per_task));
-        let (d, mut c, class) = (dispatch.clone(), con.clone(), class.clone());
-        set.spawn(async move {
-            for _ in 0..n {
-                let out = d
-                    .enqueue(&mut c, &new_job(user, &class), QueueLimit::Bypass)
-                    .await?;
-                debug_assert!(matches!(out, EnqueueOutcome::Queued { .. }));
+    let payload = (bench.payload_bytes > 0).then(|| payload_of(bench.payload_bytes));
+    let jobs: Vec<NewJob> = (0..bench.jobs)
+        .map(|_| {
+            let mut job = new_job(user, &class);
+            if let Some(p) = &payload {
+                job.payload.clone_from(p);
             }
-            Ok::<(), DispatchError>(())
-        });
-    }
-    while let Some(r) = set.join_next().await {
-        r.expect("enqueue task panicked")?;
-    }
-    let mut machines = Vec::with_capacity(claimers);
-    for _ in 0..claimers {
-        machines.push(register_machine(&dispatch, &mut con, 1).await?);
-    }
-
-    let before = command_calls(&mut con).await?;
-    let cycles = Arc::new(AtomicU64::new(0));
+            job
+        })
+        .collect();
+    let before = server_stats(con).await?;
     let started = Instant::now();
+    enqueue_all(dispatch, con, jobs, 16).await?;
+    let enqueue_elapsed = started.elapsed();
+    let after_enqueue = server_stats(con).await?;
+
+    let mut cons = Vec::with_capacity(bench.connections.max(1));
+    for _ in 0..bench.connections.max(1) {
+        cons.push(connection_manager(client, Duration::from_secs(10)).await?);
+    }
+    let mut machines = Vec::with_capacity(bench.claimers);
+    for _ in 0..bench.claimers {
+        machines.push(register_machine(dispatch, con, bench.slots).await?);
+    }
+    let sent = Arc::new(AtomicU64::new(0));
+    let cycles = Arc::new(AtomicU64::new(0));
     let classes = Arc::new(vec![class]);
-    for mid in machines {
-        let (d, mut c, cycles, classes) = (
-            dispatch.clone(),
-            con.clone(),
-            cycles.clone(),
-            classes.clone(),
-        );
+    let mut set = tokio::task::JoinSet::new();
+    let before_cycles = server_stats(con).await?;
+    let started = Instant::now();
+    for (i, mid) in machines.into_iter().enumerate() {
+        let mut c = Counting::new(cons[i % cons.len()].clone(), sent.clone());
+        let (d, cycles, classes) = (dispatch.clone(), cycles.clone(), classes.clone());
         set.spawn(async move {
             loop {
                 let eid = Uuid::now_v7();
@@ -261,7 +543,7 @@ pub async fn claim_complete(
                         debug_assert!(matches!(done, Fenced::Accepted(())));
                         cycles.fetch_add(1, Ordering::Relaxed);
                     }
-                    _ => return Ok(()),
+                    _ => return Ok::<(), DispatchError>(()),
                 }
             }
         });
@@ -270,22 +552,41 @@ pub async fn claim_complete(
         r.expect("claimer task panicked")?;
     }
     let elapsed = started.elapsed();
-    let after = command_calls(&mut con).await?;
-    let deltas = command_deltas(&before, &after);
-    let cycles = cycles.load(Ordering::Relaxed);
-    let inside: u64 = deltas
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "evalsha" | "info"))
-        .map(|(_, v)| *v)
-        .sum();
-    delete_prefix(&mut con, dispatch.keys()).await?;
-    Ok(BenchReport {
-        claimers,
-        jobs,
-        cycles,
+    let after = server_stats(con).await?;
+    Ok((
+        cycles.load(Ordering::Relaxed),
         elapsed,
-        cycles_per_sec: cycles as f64 / elapsed.as_secs_f64().max(1e-9),
-        command_deltas: deltas,
-        commands_per_job: inside as f64 / (cycles.max(1) as f64),
-    })
+        before_cycles.until(&after),
+        sent.load(Ordering::Relaxed),
+        before.until(&after_enqueue),
+        enqueue_elapsed,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_is_read_into_calls_and_cpu() {
+        let info = "# Commandstats\r\ncmdstat_evalsha:calls=10,usec=5,usec_per_call=0.5,rejected_calls=0,failed_calls=0\r\ncmdstat_client|setname:calls=2,usec=1\r\n\r\n# CPU\r\nused_cpu_sys:1.5\r\nused_cpu_user:2.25\r\nused_cpu_sys_children:9\r\n";
+        let s = parse_info(info);
+        assert_eq!(s.calls["evalsha"], 10);
+        assert_eq!(s.calls["client|setname"], 2);
+        assert!((s.cpu_seconds - 3.75).abs() < 1e-9);
+        let later = ServerStats {
+            calls: HashMap::from([("evalsha".into(), 15), ("hmget".into(), 7)]),
+            usec: HashMap::new(),
+            cpu_seconds: 4.0,
+        };
+        let d = s.until(&ServerStats {
+            usec: HashMap::from([("evalsha".into(), 5), ("hmget".into(), 3)]),
+            ..later
+        });
+        assert_eq!(d.calls_of("evalsha"), 5);
+        assert_eq!(d.inside_scripts(), 7);
+        assert_eq!(d.inside_by_command(), vec![("hmget".to_owned(), 7)]);
+        assert!((d.cpu_seconds - 0.25).abs() < 1e-9);
+        assert_eq!(d.script_time(), (0, 3), "evalsha's usec did not grow");
+    }
 }

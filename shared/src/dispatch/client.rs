@@ -77,6 +77,12 @@ impl Dispatch {
         Args::new(self.keys.base())
     }
 
+    /// `{p}:heads`: class id → a lower bound of the head score of its queue, every non-empty
+    /// class present (the index a claim over many classes walks; see `lua/claim.lua`).
+    fn heads_key(&self) -> String {
+        format!("{}heads", self.keys.base())
+    }
+
     async fn run<C: ConnectionLike + Send>(
         &self,
         con: &mut C,
@@ -212,6 +218,7 @@ impl Dispatch {
             k.classes(),
             k.classes_version(),
             k.events(),
+            self.heads_key(),
             k.job(&job.job_id),
             k.queue(&job.class_id),
             k.wake(&job.class_id),
@@ -251,7 +258,14 @@ impl Dispatch {
         job_id: &Uuid,
     ) -> Result<CancelOutcome, DispatchError> {
         let k = &self.keys;
-        let keys = [k.epoch(), k.config(), k.queued(), k.events(), k.job(job_id)];
+        let keys = [
+            k.epoch(),
+            k.config(),
+            k.queued(),
+            k.events(),
+            self.heads_key(),
+            k.job(job_id),
+        ];
         let r = self
             .run(
                 con,
@@ -305,15 +319,7 @@ impl Dispatch {
         limit: u32,
         now_ms: Option<u64>,
     ) -> Result<ReapReport, DispatchError> {
-        let k = &self.keys;
-        let keys = [
-            k.epoch(),
-            k.config(),
-            k.leases(),
-            k.timeouts(),
-            k.queued(),
-            k.events(),
-        ];
+        let keys = self.report_keys();
         let args = self
             .args()
             .n(limit)
@@ -334,8 +340,10 @@ impl Dispatch {
 
     /// Claims the best job among the heads of `classes` (the classes this machine satisfies)
     /// as a new execution whose id is `execution_id` (a fresh UUIDv7 from the caller; retrying
-    /// with the same id after a lost reply returns the same claim). Cost grows with the number of
-    /// classes, never with the number of waiting jobs.
+    /// with the same id after a lost reply returns the same claim). Cost never grows with the
+    /// number of waiting jobs: with a few classes it reads each one's head; with more it walks
+    /// the heads index best first and looks only at the classes that could still hold the best
+    /// head (see the module doc).
     ///
     /// Usually one script call; more only when heads of users at their concurrency limit had to
     /// be parked (each such job is parked once, until its user has room again).
@@ -353,28 +361,28 @@ impl Dispatch {
             return Ok(ClaimOutcome::Empty);
         }
         let k = &self.keys;
-        let mut keys = Vec::with_capacity(8 + classes.len());
-        keys.extend([
+        let keys = [
             k.epoch(),
             k.config(),
             k.leases(),
-            k.timeouts(),
             k.queued(),
             k.events(),
+            self.heads_key(),
             k.machine(machine_id),
             k.machine_execs(machine_id),
-        ]);
+        ];
+        let mut args = self
+            .args()
+            .s(machine_id.to_string())
+            .s(execution_id.to_string())
+            .n(MAX_PARKS_PER_CALL);
         for c in classes {
             check_class_id(c)?;
-            keys.push(k.queue(c));
+            args = args.s(c);
         }
+        let lua = &self.scripts.claim;
         for _ in 0..MAX_CLAIM_ROUNDS {
-            let args = self
-                .args()
-                .s(machine_id.to_string())
-                .s(execution_id.to_string())
-                .n(MAX_PARKS_PER_CALL);
-            let r = self.run(con, &self.scripts.claim, &keys, args).await?;
+            let r = Reply::new(lua.name, lua.run(con, &keys, &args.0).await?)?;
             return Ok(match r.tag()?.as_str() {
                 "claimed" => ClaimOutcome::Claimed(Box::new(claimed(&r)?)),
                 "again" => continue,
@@ -502,9 +510,9 @@ impl Dispatch {
             k.epoch(),
             k.config(),
             k.leases(),
-            k.timeouts(),
             k.queued(),
             k.events(),
+            self.heads_key(),
             k.machines(),
             k.machine(machine_id),
             k.machine_execs(machine_id),
@@ -662,9 +670,9 @@ impl Dispatch {
             k.epoch(),
             k.config(),
             k.leases(),
-            k.timeouts(),
             k.queued(),
             k.events(),
+            self.heads_key(),
         ]
     }
 

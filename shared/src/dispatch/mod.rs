@@ -21,46 +21,53 @@
 //! | `classes` | hash | class id → requirements JSON |
 //! | `classes:ver` | counter | bumped when a class first appears; heartbeat and register replies carry it |
 //! | `q:<class>` | zset | QUEUED job ids, score `(100 - priority) * 2^40 + seq`: `ZRANGE 0 0` is the best; a requeued job keeps its score |
+//! | `heads` | zset | class id → a lower bound of the score of its queue's head; every non-empty class is present. Whatever puts a job into a queue lowers it (`ZADD LT`); nothing that takes one out touches it; claims that walk it tighten (or drop) the bounds they found stale |
 //! | `held:<user>` | zset | the user's QUEUED jobs parked while the user is at their limit (same scores) |
 //! | `user:<user>:running` | counter | the user's PROCESSING jobs (deleted at 0) |
-//! | `wake:<class>` | list | wake tokens (≤ 32) for idle claimers |
-//! | `job:<id>` | hash | `user_id class priority seq score status attempts max_attempts timeout_ms cancel_requested payload submitted_ms` + while running `execution_id machine_id started_ms progress`, once finished `finished_ms error`; finished → TTL `finished_ttl_ms`, payload dropped |
+//! | `wake:<class>` | list | wake tokens for idle claimers (cut back to 32 when it reaches 64) |
+//! | `job:<id>` | hash | `user_id class priority seq score status attempts max_attempts timeout_ms cancel_requested payload submitted_ms` + while running `execution_id machine_id started_ms progress`, once finished `finished_ms error`; finished → TTL `finished_ttl_ms`, payload emptied (`""`) |
 //! | `exec:<eid>` | hash | `job machine user status started_ms deadline_ms [ended_ms]`; after it ends a tombstone with TTL `finished_ttl_ms`, so a late report is told apart (its own machine → stale, another → refused) |
-//! | `leases` | zset | execution id → lease deadline (ms) |
-//! | `timeouts` | zset | execution id → hard deadline (started + timeout) |
+//! | `leases` | zset | execution id → its next deadline: the lease's, or the hard deadline (`deadline_ms`, started + timeout) when that comes first. The reaper tells the two apart by `deadline_ms` (the `timeouts` key of earlier versions is no longer used) |
 //! | `machine-ids` | hash | external id → machine id |
 //! | `machine:<mid>` | hash | `status external_id provider region capabilities max_slots registered_ms last_heartbeat_ms gpu_stats [drain]`; OFFLINE/TERMINATED → TTL 7 days |
 //! | `machine:<mid>:execs` | set | the executions the machine runs |
 //! | `machines` | zset | machine id → last heartbeat (ms), machines not OFFLINE |
 //! | `events` | stream | every state change ([`events`]) |
 //!
-//! ## Scripts (`lua/*.lua`, each prefixed with `lua/common.lua`)
+//! ## Scripts (`lua/*.lua`)
+//! Each is prefixed with `lua/common.lua`; those that end, requeue or fence executions also with
+//! `lua/lifecycle.lua` (the others leave it out: every helper is built again on each call).
 //! Agent-facing scripts first check the epoch. Fenced reports are accepted only from the job's
-//! current execution *and* its machine.
+//! current execution *and* its machine. "report keys" below are
+//! `epoch config leases queued events heads`.
 //!
 //! | script | caller | KEYS | ARGV after the prefix | reply |
 //! |---|---|---|---|---|
 //! | `init_epoch` | control plane | `epoch` | epoch | created, epoch |
-//! | `enqueue` | control plane | `epoch config seq queued classes classes:ver events job:<id> q:<class> wake:<class>` | job, user, class, requirements, priority, max_attempts, timeout_ms, payload, check_queue_size | queued(seq, parked) / exists(status) / queue_full(n) |
-//! | `cancel` | control plane | `epoch config queued events job:<id>` | job | cancelled / cancel_requested(machine, exec) / finished(status) / unknown |
-//! | `requeue_expired` | control plane (reaper) | `epoch config leases timeouts queued events` | limit, now ('' = TIME) | requeued, failed, timed_out, cancelled, cleaned |
+//! | `enqueue` | control plane | `epoch config seq queued classes classes:ver events heads job:<id> q:<class> wake:<class>` | job, user, class, requirements, priority, max_attempts, timeout_ms, payload, check_queue_size | queued(seq, parked) / exists(status) / queue_full(n) |
+//! | `cancel` | control plane | `epoch config queued events heads job:<id>` | job | cancelled / cancel_requested(machine, exec) / finished(status) / unknown |
+//! | `requeue_expired` | control plane (reaper) | report keys | limit, now ('' = TIME) | requeued, failed, timed_out, cancelled, cleaned |
 //! | `machine_admin` | control plane | `epoch machines events machine:<mid> machine:<mid>:execs` | machine, drain/undrain/offline/terminated | ok(status) / unknown_machine |
 //! | `sweep_machines` | control plane | `epoch machines events` | stale_ms, limit, now | n marked OFFLINE |
 //! | `register` | agent | `epoch machines machine-ids events classes:ver` | candidate, external_id, provider, region, capabilities, max_slots | registered(mid, reused, classes_ver) / restoring |
 //! | `heartbeat` | agent | `epoch config leases machines events classes:ver machine:<mid> machine:<mid>:execs` | machine, STARTING/READY, gpu_stats, running eids… | ok(drain, classes_ver, status, n_cancel, cancel…, abandon…) / unknown_machine / restoring |
-//! | `claim` | agent | `epoch config leases timeouts queued events machine:<mid> machine:<mid>:execs q:<class>…` | machine, execution, max_parks | claimed(job…) / empty / again / at_capacity / draining / unknown_machine / restoring |
-//! | `progress` | agent | `epoch config leases timeouts queued events` | machine, execution, value, max, node | ok(cancel_requested) / stale / not_owner / restoring |
-//! | `complete` | agent | same | machine, execution, outputs | ok (also for a repeat of the same complete) / stale / not_owner / restoring |
-//! | `fail` | agent | same | machine, execution, error, retryable | ok(requeued/failed/cancelled, attempts) / … |
-//! | `cancelled` | agent | same | machine, execution | ok / not_requested / … |
-//! | `release` | agent | same | machine, execution | ok(requeued/cancelled) / … |
-//! | `deregister` | agent | `epoch config leases timeouts queued events machines machine:<mid> machine:<mid>:execs` | machine | ok(n_lost) / unknown_machine / restoring |
+//! | `claim` | agent | `epoch config leases queued events heads machine:<mid> machine:<mid>:execs` | machine, execution, max_parks, class ids… (at least one) | claimed(job…) / empty / again / at_capacity / draining / unknown_machine / restoring |
+//! | `progress` | agent | report keys | machine, execution, value, max, node | ok(cancel_requested) / stale / not_owner / restoring |
+//! | `complete` | agent | report keys | machine, execution, outputs | ok (also for a repeat of the same complete) / stale / not_owner / restoring |
+//! | `fail` | agent | report keys | machine, execution, error, retryable | ok(requeued/failed/cancelled, attempts) / … |
+//! | `cancelled` | agent | report keys | machine, execution | ok / not_requested / … |
+//! | `release` | agent | report keys | machine, execution | ok(requeued/cancelled) / … |
+//! | `deregister` | agent | `epoch config leases queued events heads machines machine:<mid> machine:<mid>:execs` | machine | ok(n_lost) / unknown_machine / restoring |
 //!
 //! ## How the pieces fit
-//! - **Claim** reads the head of each of the machine's classes (`ZRANGE 0 0`), takes the best,
-//!   and creates the execution (the caller's UUIDv7, the fence): job PROCESSING, attempts + 1,
-//!   lease and hard deadline, machine slot, user slot, `job.claimed`. Its cost grows with the
-//!   number of classes, never with waiting jobs.
+//! - **Claim** finds the best head among the machine's classes and creates the execution (the
+//!   caller's UUIDv7, the fence): job PROCESSING, attempts + 1, lease, machine slot, user slot,
+//!   `job.claimed`. With up to 4 classes it reads each queue's head (`ZRANGE 0 0`); with more it
+//!   walks `heads` best first and reads a class's head only while that class's bound could still
+//!   beat the best head found, so a machine that matches 500 of 1,000 busy classes reads a few
+//!   entries, not 500 queues. Its cost never grows with the number of waiting jobs. Class ids
+//!   travel as arguments: the queue keys a claim reads are built inside the script (same hash
+//!   tag), from ids it checked (few classes) or found in the index (many).
 //! - **Fairness**: a head whose user is at `max_concurrent_jobs_per_user` is parked in
 //!   `held:<user>` (enqueue parks at once when the user is already at the limit); whenever that
 //!   user's running count drops (or a job of theirs that was unparked is cancelled), as many held
@@ -70,10 +77,23 @@
 //!   STARTING until the agent says READY (or claims); BUSY when all `max_slots` are taken, else
 //!   AVAILABLE. Every change writes `machine.status`.
 //! - **Leases**: the heartbeat extends the leases of the executions both the agent and Redis
-//!   agree on; the reaper ([`Dispatch::requeue_expired`]) requeues expired ones (LOST) or fails
-//!   them `attempts_exhausted`, and fails those past their deadline with `timeout`.
+//!   agree on (never past their hard deadline); the reaper ([`Dispatch::requeue_expired`])
+//!   requeues expired ones (LOST) or fails them `attempts_exhausted`, and fails those past their
+//!   deadline with `timeout`.
 //! - **Wake-ups**: every script that makes a job claimable pushes a token onto its class's wake
 //!   list; idle claimers block on theirs ([`Dispatch::wait_for_work`]).
+//!
+//! ## Cost
+//! Most of a script's Redis CPU is Lua rather than the commands' own work (perf on Redis 7.0:
+//! ~40 % in the Lua VM, a third of that interning strings, which Redis's Lua hashes in full, and
+//! garbage collection; ~20 % in malloc and libc). So the scripts read each hash once and keep
+//! what they read (the claim reply is built from it, not read back), write each hash once where
+//! they can, read TIME and the settings at most once, format each number once and pass text
+//! (a Lua number handed to `redis.call` costs a `printf`), build hot event JSON by
+//! concatenation, and define only the helpers they use (`lifecycle.lua` only where needed).
+//! Whatever enters Lua is hashed whole, so a job's payload costs time in proportion to its size
+//! twice: in enqueue's arguments and in the claim's reply. `emp-bench dispatch` measures
+//! commands per job (`INFO commandstats`) and Redis CPU (`INFO cpu`).
 //!
 //! ## Security note
 //! Redis 7 checks every command a script runs against the *calling* user's ACL, so an agent's

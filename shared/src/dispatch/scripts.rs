@@ -15,13 +15,29 @@ pub(crate) struct Lua {
 }
 
 /// Every script is `common.lua` followed by its own body: Redis Lua has no modules, and one
-/// chunk keeps the helpers' locals visible to the body.
+/// chunk keeps the helpers' locals visible to the body. Scripts that end, requeue or fence
+/// executions also get `lifecycle.lua` in between (`lua!(name, lifecycle)`); the others leave it
+/// out, because every helper a chunk defines is built again on each call.
 macro_rules! lua {
     ($name:literal) => {
         Lua {
             name: $name,
             script: redis::Script::new(concat!(
                 include_str!("lua/common.lua"),
+                "\n-- ",
+                $name,
+                ".lua\n",
+                include_str!(concat!("lua/", $name, ".lua"))
+            )),
+        }
+    };
+    ($name:literal, lifecycle) => {
+        Lua {
+            name: $name,
+            script: redis::Script::new(concat!(
+                include_str!("lua/common.lua"),
+                "\n-- lifecycle.lua\n",
+                include_str!("lua/lifecycle.lua"),
                 "\n-- ",
                 $name,
                 ".lua\n",
@@ -56,19 +72,19 @@ impl Scripts {
         Self {
             init_epoch: lua!("init_epoch"),
             enqueue: lua!("enqueue"),
-            cancel: lua!("cancel"),
+            cancel: lua!("cancel", lifecycle),
             claim: lua!("claim"),
             heartbeat: lua!("heartbeat"),
             register: lua!("register"),
-            deregister: lua!("deregister"),
+            deregister: lua!("deregister", lifecycle),
             machine_admin: lua!("machine_admin"),
             sweep_machines: lua!("sweep_machines"),
-            progress: lua!("progress"),
-            complete: lua!("complete"),
-            fail: lua!("fail"),
-            cancelled: lua!("cancelled"),
-            release: lua!("release"),
-            requeue_expired: lua!("requeue_expired"),
+            progress: lua!("progress", lifecycle),
+            complete: lua!("complete", lifecycle),
+            fail: lua!("fail", lifecycle),
+            cancelled: lua!("cancelled", lifecycle),
+            release: lua!("release", lifecycle),
+            requeue_expired: lua!("requeue_expired", lifecycle),
         }
     }
 

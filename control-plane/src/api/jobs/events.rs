@@ -44,7 +44,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
     params(("id" = Uuid, Path, description = "The job's id.")),
     responses(
         (status = 200, description = "Server-Sent Events: `status` (the job object; first, and on every status change), `progress` (`{value, max, node}`), `output` (an output object), `done` (the final job object; the stream closes after it).",
-            content_type = "text/event-stream", body = String),
+            content_type = "text/event-stream", body = crate::api::openapi::JobEvent),
         (status = 401, description = "No, unknown or revoked key.", body = ErrorBody),
         (status = 404, description = "No such job among the caller's.", body = ErrorBody),
     ))]

@@ -50,7 +50,7 @@ pub struct SubmitJob {
     /// A ComfyUI API-format graph: a non-empty object of node id → `{"class_type", "inputs"}`.
     /// Exactly one of `workflow` and `template_id`.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<crate::api::openapi::Workflow>)]
     pub workflow: Option<Value>,
     /// A template the caller may read (own or public), rendered with `parameters`.
     #[serde(default)]
@@ -66,7 +66,7 @@ pub struct SubmitJob {
     /// `{gpu_model, min_vram_gb, models, node_types, provider, region}`, all optional; united
     /// with what the workflow implies.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<crate::api::openapi::RequirementsSchema>)]
     pub requirements: Option<Value>,
     /// 1–10, default 3.
     #[serde(default)]
@@ -79,11 +79,17 @@ pub struct SubmitJob {
     /// Also keep ComfyUI's temporary outputs (default `false`).
     #[serde(default)]
     pub include_temp_outputs: Option<bool>,
-    /// An absolute `http` or `https` URL that gets the job's terminal status.
+    /// An absolute `http` or `https` URL with a host and no credentials (at most 2048
+    /// characters) that gets the job's terminal status.
     #[serde(default)]
+    #[schema(
+        max_length = 2048,
+        pattern = r"^[Hh][Tt][Tt][Pp][Ss]?://(([A-Za-z0-9-]+\.)*[A-Za-z][A-Za-z0-9-]*|(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3})(:[0-9]{1,4})?([/?#][\x21-\x7E]*)?$"
+    )]
     pub webhook_url: Option<String>,
-    /// Extra webhook event types: `job.claimed`, `job.progress`.
+    /// Extra webhook event types, each at most once: `job.claimed`, `job.progress`.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<WebhookEventName>>)]
     pub webhook_events: Option<Vec<String>>,
     /// Any JSON object, at most 16,384 bytes as compact JSON (`{}` when not given).
     #[serde(default)]
@@ -91,10 +97,22 @@ pub struct SubmitJob {
     pub metadata: Option<Map<String, Value>>,
 }
 
+/// An extra webhook event type (schema only).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub enum WebhookEventName {
+    /// A box took the job.
+    #[schema(rename = "job.claimed")]
+    Claimed,
+    /// The job's progress moved.
+    #[schema(rename = "job.progress")]
+    Progress,
+}
+
 /// Submits a job.
 #[utoipa::path(post, path = "/api/v1/jobs", operation_id = "submit_job", tag = "jobs",
     security(("bearer" = [])),
-    params(("Idempotency-Key" = Option<String>, Header,
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]{1,255}$",
         description = "Printable ASCII, 1–255 characters: the same key with the same body within 24 h returns the original job (200, `Idempotent-Replayed: true`).")),
     request_body = SubmitJob,
     responses(

@@ -37,6 +37,7 @@ pub struct JobView {
     /// 0–100, higher first.
     pub priority: i32,
     /// The template it was made from, or `null`.
+    #[schema(required)]
     pub template_id: Option<Uuid>,
     /// Template parameters (`{}` when none).
     #[schema(value_type = Object)]
@@ -58,28 +59,37 @@ pub struct JobView {
     /// Submission time.
     pub created_at: DateTime<Utc>,
     /// First claim.
+    #[schema(required)]
     pub started_at: Option<DateTime<Utc>>,
     /// When it COMPLETED.
+    #[schema(required)]
     pub completed_at: Option<DateTime<Utc>>,
     /// When it FAILED.
+    #[schema(required)]
     pub failed_at: Option<DateTime<Utc>>,
     /// When it was CANCELLED.
+    #[schema(required)]
     pub cancelled_at: Option<DateTime<Utc>>,
     /// The machine (its `id`, not its external id) of the current or last execution.
+    #[schema(required)]
     pub machine_id: Option<Uuid>,
     /// The current or last execution.
+    #[schema(required)]
     pub execution_id: Option<Uuid>,
     /// Progress of the running execution; `null` when nothing runs.
+    #[schema(required)]
     pub progress: Option<ProgressView>,
     /// Files the current or last execution produced (`[]` until there are some).
     pub outputs: Vec<OutputView>,
     /// `{code, message, node_id?, node_type?}` of a failure, else `null`.
     #[schema(value_type = Option<Object>)]
+    #[schema(required)]
     pub error: Option<Value>,
     /// The submitter's own JSON (`{}` when none).
     #[schema(value_type = Object)]
     pub metadata: Value,
     /// Where results are POSTed, or `null`.
+    #[schema(required)]
     pub webhook_url: Option<String>,
 }
 
@@ -91,6 +101,7 @@ pub struct ProgressView {
     /// Steps in all.
     pub max: u64,
     /// The node running, if known.
+    #[schema(required)]
     pub node: Option<String>,
 }
 
@@ -144,11 +155,14 @@ pub struct ExecutionView {
     /// Claim time.
     pub started_at: DateTime<Utc>,
     /// When it COMPLETED.
+    #[schema(required)]
     pub completed_at: Option<DateTime<Utc>>,
     /// When it ended otherwise.
+    #[schema(required)]
     pub failed_at: Option<DateTime<Utc>>,
     /// `{code, message, …}` of its failure, else `null`.
     #[schema(value_type = Option<Object>)]
+    #[schema(required)]
     pub error: Option<Value>,
 }
 

@@ -57,8 +57,10 @@ pub struct Template {
     /// Label.
     pub name: String,
     /// `null` when none.
+    #[schema(required)]
     pub description: Option<String>,
     /// `null` when none.
+    #[schema(required)]
     pub category: Option<String>,
     /// A ComfyUI API-format graph whose strings may hold `{{placeholders}}`.
     #[schema(value_type = Object)]
@@ -91,16 +93,20 @@ impl From<templates::Template> for Template {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTemplate {
-    /// Label, 1–200 characters.
+    /// Label: not blank, 1–200 characters.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub name: String,
-    /// Optional description.
+    /// Optional description: not blank, at most 10,000 characters.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 10_000, pattern = r"\S")]
     pub description: Option<String>,
-    /// Optional category.
+    /// Optional category: not blank, at most 100 characters.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
     pub category: Option<String>,
-    /// The graph: a non-empty object of node id → `{"class_type", "inputs"}`.
-    #[schema(value_type = Object)]
+    /// The graph: a non-empty object of node id → `{"class_type", "inputs"}`, whose strings
+    /// may hold `{{placeholders}}`.
+    #[schema(value_type = crate::api::openapi::Workflow)]
     pub workflow: Value,
     /// Default `false`.
     #[serde(default)]
@@ -112,25 +118,25 @@ pub struct CreateTemplate {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateTemplate {
-    /// New label.
+    /// New label (not `null`): not blank, 1–200 characters.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = String, required = false, min_length = 1, max_length = 200, pattern = r"\S")]
     pub name: Option<Option<String>>,
     /// New description; `null` clears it.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 10_000, pattern = r"\S")]
     pub description: Option<Option<String>>,
     /// New category; `null` clears it.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 100, pattern = r"\S")]
     pub category: Option<Option<String>>,
-    /// New graph.
+    /// New graph (not `null`).
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = crate::api::openapi::Workflow, required = false)]
     pub workflow: Option<Option<Value>>,
-    /// New visibility.
+    /// New visibility (not `null`).
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<bool>)]
+    #[schema(value_type = bool, required = false)]
     pub is_public: Option<Option<bool>>,
 }
 

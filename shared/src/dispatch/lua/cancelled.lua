@@ -1,9 +1,9 @@
 -- cancelled: the agent confirms it stopped a job whose cancel was asked for; the job is
 -- CANCELLED. Without a cancel request nothing changes (an agent may not cancel on its own).
--- KEYS: epoch, config, leases, timeouts, queued, events
+-- KEYS: epoch, config, leases, queued, events, heads
 -- ARGV: prefix, machine_id, execution_id
 -- Reply: {'ok'} | {'not_requested'} | {'stale'} | {'not_owner'} | {'restoring'}
-K = bind_keys({ 'epoch', 'config', 'leases', 'timeouts', 'queued', 'events' })
+K = bind_keys({ 'epoch', 'config', 'leases', 'queued', 'events', 'heads' })
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 
@@ -11,9 +11,8 @@ if not load_epoch() then return { 'restoring' } end
 local id, job = fence(mid, eid, 'cancelled')
 if not id then return { job } end
 if not job.cancel then return { 'not_requested' } end
-local cfg = config()
-end_execution(eid, mid, job.user, 'CANCELLED', cfg)
-finish(id, 'CANCELLED', cfg, nil)
+end_execution(eid, mid, job.user, 'CANCELLED')
+finish(id, 'CANCELLED', job.progress)
 emit('job.cancelled', id, eid, mid, json_obj({ { 'attempts', job.attempts, 'n' },
-  { 'exec_status', 'CANCELLED', 's' } }))
+  { 'exec_status', 'CANCELLED', 'w' } }))
 return { 'ok' }

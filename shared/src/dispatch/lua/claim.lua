@@ -1,101 +1,191 @@
 -- claim: the best job among the heads of the caller's classes, as one new execution.
--- KEYS: epoch, config, leases, timeouts, queued, events, machine:<mid>, machine:<mid>:execs,
---       then q:<class> for each class the machine can run (at least one).
--- ARGV: prefix, machine_id, execution_id (caller's UUIDv7: the fence), max_parks.
+-- KEYS: epoch, config, leases, queued, events, heads, machine:<mid>, machine:<mid>:execs
+-- ARGV: prefix, machine_id, execution_id (caller's UUIDv7: the fence), max_parks, then the ids
+--       of the classes the machine can run (at least one).
 -- Reply: {'claimed', job_id, execution_id, attempts, max_attempts, class, priority, timeout_ms,
 --         user_id, started_ms, deadline_ms, payload}
 --      | {'empty'} | {'again'} (parked max_parks heads; call again) | {'at_capacity'}
 --      | {'draining'} | {'unknown_machine'} | {'restoring'}
-K = bind_keys({ 'epoch', 'config', 'leases', 'timeouts', 'queued', 'events' })
+--
+-- Finding the best head. With up to DIRECT_MAX classes, each class queue's head is read
+-- (ZRANGE 0 0: one command per class). With more, the heads index (class → a lower bound of its
+-- queue's head score, every non-empty class present) is walked best first, in growing batches:
+-- a class of the machine's is looked at (its true head read) only while its bound could still
+-- beat the best head found, so the walk stops after a few entries whatever the number of
+-- classes, and classes the machine cannot run cost one table lookup each. Bounds found stale on
+-- the way (the class was claimed from, or emptied) are tightened at the end of the call; the
+-- machine's class ids are only compared with the index's members, never used to build keys.
+K = bind_keys({ 'epoch', 'config', 'leases', 'queued', 'events', 'heads' })
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 local max_parks = int_arg(ARGV[4], 1, 10000, 'max_parks')
 local mk = want_key(7, 'machine:' .. mid)
 local execs_key = want_key(8, 'machine:' .. mid .. ':execs')
-if #KEYS < 9 then argerr('keys', 'at least one class queue') end
-local qprefix = P .. 'q:'
-for i = 9, #KEYS do
-  if string.sub(KEYS[i], 1, #qprefix) ~= qprefix then argerr('keys', 'KEYS[' .. i .. '] must be a class queue') end
-  class_arg(string.sub(KEYS[i], #qprefix + 1), 'class')
+local FIRST_CLASS = 5
+if #ARGV < FIRST_CLASS then argerr('classes', 'at least one class') end
+local DIRECT_MAX = 4
+local direct = #ARGV - FIRST_CLASS + 1 <= DIRECT_MAX
+if direct then
+  for i = FIRST_CLASS, #ARGV do class_arg(ARGV[i], 'class') end
 end
 
 if not load_epoch() then return { 'restoring' } end
 local m = redis.call('HMGET', mk, 'status', 'max_slots', 'drain')
 if not m[1] or m[1] == 'OFFLINE' or m[1] == 'TERMINATED' then return { 'unknown_machine' } end
 
-local function claimed_reply(id)
-  local j = redis.call('HMGET', k_job(id), 'attempts', 'max_attempts', 'class', 'priority',
-    'timeout_ms', 'user_id', 'payload')
-  local ex = redis.call('HMGET', k_exec(eid), 'started_ms', 'deadline_ms')
-  return { 'claimed', id, eid, j[1], j[2], j[3], j[4], j[5], j[6], ex[1], ex[2], j[7] or '' }
-end
-
 -- The same execution id again from the same machine is a retry of a claim whose reply was lost:
 -- answer it again instead of leaving that job orphaned until its lease expires.
-local ex = redis.call('HMGET', k_exec(eid), 'job', 'machine', 'status')
+local ex = redis.call('HMGET', key('exec:', eid), 'job', 'machine', 'status', 'started_ms',
+  'deadline_ms')
 if ex[1] then
-  if ex[2] == mid and ex[3] == 'RUNNING' then return claimed_reply(ex[1]) end
+  if ex[2] == mid and ex[3] == 'RUNNING' then
+    local j = redis.call('HMGET', key('job:', ex[1]), 'attempts', 'max_attempts', 'class',
+      'priority', 'timeout_ms', 'user_id', 'payload')
+    return { 'claimed', ex[1], eid, j[1], j[2], j[3], j[4], j[5], j[6], ex[4], ex[5], j[7] or '' }
+  end
   argerr('execution_id', 'already used')
 end
 if m[3] == '1' then return { 'draining' } end
 local running = redis.call('SCARD', execs_key)
-if running >= (tonumber(m[2]) or 1) then return { 'at_capacity' } end
+local max_slots = tonumber(m[2]) or 1
+if running >= max_slots then return { 'at_capacity' } end
 local cfg = config()
 
--- heads[i] = {id, score} of queue KEYS[i], or false when it is empty
-local heads = {}
-local function read_head(i)
-  local r = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-  if r[1] then heads[i] = { r[1], tonumber(r[2]) } else heads[i] = false end
+-- What this call knows of a class's queue: view[c] = {id1, score1, id2, score2, ...,
+-- whole = true when that is all the queue holds}. The index walk reads two entries, so taking
+-- the head still leaves the new head known (and its bound exact) without another read.
+local FETCH = direct and 1 or 2
+local view = {}
+local function head_of(c)
+  local v = view[c]
+  if not v or (v[1] == nil and not v.whole) then
+    local r = redis.call('ZRANGE', key('q:', c), 0, FETCH - 1, 'WITHSCORES')
+    v = { whole = #r < 2 * FETCH }
+    for i = 1, #r, 2 do
+      v[#v + 1] = r[i]
+      v[#v + 1] = tonumber(r[i + 1])
+    end
+    view[c] = v
+  end
+  return v[1], v[2]
 end
-for i = 9, #KEYS do read_head(i) end
+local function drop_head(c)
+  local v = view[c]
+  table.remove(v, 1)
+  table.remove(v, 1)
+end
+
+local function best_direct()
+  local bc, bid, bs
+  for i = FIRST_CLASS, #ARGV do
+    local id, s = head_of(ARGV[i])
+    if id and (not bs or s < bs) then bc, bid, bs = ARGV[i], id, s end
+  end
+  return bc, bid, bs
+end
+
+local want = nil
+-- The index as read so far: batches of class ids as ZRANGE returned them, each twice as long as
+-- the one before, walked in place. Only the machine's own classes get their bound read (ZSCORE):
+-- scores for every entry (WITHSCORES) would make Redis format a double per entry, about 1 µs
+-- each, and another class costs one table lookup, which is what a walk past many classes the
+-- machine cannot run is made of (they pile up at the front when nothing else claims them).
+local batches, walked_all = {}, false
+local seen, seen_order = {}, {} -- class → its bound in the index, for the classes looked at
+local function best_indexed()
+  if not want then
+    want = {}
+    for i = FIRST_CLASS, #ARGV do want[ARGV[i]] = true end
+  end
+  local bc, bid, bs
+  local b, read = 1, 0
+  while true do
+    local batch = batches[b]
+    if not batch then
+      if walked_all then break end
+      local n = read < 8 and 8 or read
+      batch = redis.call('ZRANGE', K.heads, read, read + n - 1)
+      batches[b] = batch
+      if #batch < n then walked_all = true end
+      if #batch == 0 then break end
+    end
+    for k = 1, #batch do
+      local c = batch[k]
+      if want[c] then
+        local bound = seen[c] or tonumber(redis.call('ZSCORE', K.heads, c))
+        -- Bounds only grow along the index: nothing further on can beat the best found.
+        if bs and bound >= bs then return bc, bid, bs end
+        if not seen[c] then
+          seen[c] = bound
+          seen_order[#seen_order + 1] = c
+        end
+        local id, s = head_of(c)
+        if id and (not bs or s < bs) then bc, bid, bs = c, id, s end
+      end
+    end
+    read = read + #batch
+    b = b + 1
+  end
+  return bc, bid, bs
+end
+
+-- The index stays as it was during the walk (ranks must not move); bounds are tightened here.
+local function tighten_heads()
+  for _, c in ipairs(seen_order) do
+    local v = view[c]
+    if v[1] then
+      if v[2] ~= seen[c] then redis.call('ZADD', K.heads, int(v[2]), c) end
+    elseif v.whole then
+      redis.call('ZREM', K.heads, c)
+    end
+  end
+end
+
+local best = direct and best_direct or best_indexed
+local function done(reply)
+  if not direct then tighten_heads() end
+  return reply
+end
 
 local parks = 0
 while true do
-  local best = nil
-  for i = 9, #KEYS do
-    local h = heads[i]
-    if h and (not best or h[2] < heads[best][2]) then best = i end
-  end
-  if not best then return { 'empty' } end
-  local id = heads[best][1]
-  local jk = k_job(id)
-  local j = redis.call('HMGET', jk, 'status', 'user_id', 'score')
-  if j[1] ~= 'QUEUED' then
-    -- A queue entry without a queued job behind it (should not happen); drop it so it cannot
-    -- block the queue.
-    redis.call('ZREM', KEYS[best], id)
-  else
+  local c, id, score = best()
+  if not c then return done({ 'empty' }) end
+  local jk = key('job:', id)
+  local j = redis.call('HMGET', jk, 'status', 'user_id', 'attempts', 'max_attempts', 'priority',
+    'timeout_ms', 'payload')
+  redis.call('ZREM', key('q:', c), id)
+  drop_head(c)
+  -- (A queue entry without a queued job behind it should not happen; it is dropped so it cannot
+  -- block the queue.)
+  if j[1] == 'QUEUED' then
     local uid = j[2]
-    local user_running = tonumber(redis.call('GET', k_user_running(uid)) or '0')
-    if user_running < cfg.per_user then
-      -- Take it.
-      redis.call('ZREM', KEYS[best], id)
+    local urk = key('user:', uid, ':running')
+    if redis.call('INCR', urk) <= cfg.per_user then
+      -- Take it. Every number is formatted once, then passed on as text.
       redis.call('DECR', K.queued)
-      local now = now_ms()
-      local attempts = redis.call('HINCRBY', jk, 'attempts', 1)
-      local timeout_ms = tonumber(redis.call('HGET', jk, 'timeout_ms'))
-      local deadline = now + timeout_ms
-      redis.call('HSET', jk, 'status', 'PROCESSING', 'execution_id', eid, 'machine_id', mid,
-        'started_ms', fmt(now))
-      redis.call('HDEL', jk, 'progress')
-      redis.call('HSET', k_exec(eid), 'job', id, 'machine', mid, 'user', uid, 'status', 'RUNNING',
-        'started_ms', fmt(now), 'deadline_ms', fmt(deadline))
-      redis.call('ZADD', K.leases, fmt(now + cfg.lease_ms), eid)
-      redis.call('ZADD', K.timeouts, fmt(deadline), eid)
+      local now_s = now_text()
+      local attempts = int((tonumber(j[3]) or 0) + 1)
+      local deadline = now_ms() + tonumber(j[6])
+      local deadline_s = int(deadline)
+      local lease = now_ms() + cfg.lease_ms
+      redis.call('HSET', jk, 'status', 'PROCESSING', 'attempts', attempts, 'execution_id', eid,
+        'machine_id', mid, 'started_ms', now_s)
+      redis.call('HSET', key('exec:', eid), 'job', id, 'machine', mid, 'user', uid, 'status',
+        'RUNNING', 'started_ms', now_s, 'deadline_ms', deadline_s)
+      redis.call('ZADD', K.leases, lease < deadline and int(lease) or deadline_s, eid)
       redis.call('SADD', execs_key, eid)
-      redis.call('INCR', k_user_running(uid))
-      machine_refresh(mid, true, nil)
-      emit('job.claimed', id, eid, mid, json_obj({ { 'attempts', attempts, 'n' },
-        { 'user_id', uid, 's' }, { 'deadline_ms', deadline, 'n' } }))
-      return claimed_reply(id)
+      set_machine_status(mid, m[1], machine_status_for(nil, true, running + 1, max_slots), nil)
+      emit('job.claimed', id, eid, mid, '{"attempts":' .. attempts .. ',"user_id":"' .. uid
+        .. '","deadline_ms":' .. deadline_s .. '}')
+      return done({ 'claimed', id, eid, attempts, j[4], c, j[5], j[6], uid, now_s, deadline_s,
+        j[7] or '' })
     end
     -- The user is at their limit: park the job aside (same score) so it no longer blocks anyone;
     -- it comes back when one of the user's jobs ends.
-    redis.call('ZREM', KEYS[best], id)
-    redis.call('ZADD', k_held(uid), j[3], id)
+    redis.call('DECR', urk)
+    redis.call('ZADD', key('held:', uid), int(score), id)
   end
   parks = parks + 1
-  if parks >= max_parks then return { 'again' } end
-  read_head(best)
+  if parks >= max_parks then return done({ 'again' }) end
 end

@@ -4,15 +4,26 @@
 -- Conventions
 -- * ARGV[1] is the key prefix `{<tag>}:`. Per-id keys (job:<id>, exec:<eid>, held:<uid>, ...) are
 --   built from it inside the scripts because their names are only known from data read here
---   (a job's user, an execution's machine). They carry the same hash tag as every declared key,
---   so they live in the same Redis Cluster slot; the checks below make sure of that.
--- * Every fixed key a script touches is declared in KEYS and checked by name, so a wrapper that
---   passes keys in the wrong order fails loudly instead of writing to the wrong key.
--- * Times come from TIME, never from the caller (an agent's clock is not to be trusted).
--- * Numbers are written with fmt() (`%.0f`): Lua numbers are doubles and the default number to
---   string conversion may use an exponent; every value we store is an integer below 2^53.
+--   (a job's user, an execution's machine, the class the heads index names). They carry the same
+--   hash tag as every declared key, so they live in the same Redis Cluster slot.
+-- * Every fixed key a script touches is declared in KEYS and checked by name (bind_keys,
+--   want_key), so a wrapper that passes keys in the wrong order fails loudly instead of writing
+--   to the wrong key.
+-- * Times come from TIME, read once per script (now_ms), never from the caller (an agent's clock
+--   is not to be trusted).
+-- * Numbers go to redis.call as text, each formatted once (int()): a Lua number passed to
+--   redis.call is formatted by Redis with printf, about 1 µs each on a slow box. Integer
+--   arguments arrive as canonical digits (int_arg) and are passed on as they came.
 -- * Argument errors are raised as `EMPARG <field>: <reason>`, which the Rust side maps to a typed
 --   error. Nothing has been written when they are raised (all checks come first).
+--
+-- Cost. Most of a script's Redis CPU is Lua, not the commands' own work (perf: ~45 % in the Lua
+-- VM, ~25 % in libc and malloc it calls). This prelude runs on every call, so it only defines
+-- locals (patterns are literals: building them with string.rep cost about 5 µs a call). Each
+-- redis.call costs 0.5-3 µs: scripts read each hash once with one HMGET, keep what they read,
+-- and write each hash once where they can. Hot events build their JSON by concatenation
+-- (json_obj's generic loop costs ~4 µs an event). Helpers used by one script live in it, and
+-- those only the execution-ending scripts need live in lifecycle.lua, which only they include.
 
 local P = ARGV[1]
 
@@ -23,16 +34,14 @@ end
 if type(P) ~= 'string' or not string.match(P, '^{[%w_%.%-]+}:$') then
   argerr('prefix', 'must look like {name}:')
 end
-for i = 1, #KEYS do
-  if string.sub(KEYS[i], 1, #P) ~= P then
-    argerr('keys', 'KEYS[' .. i .. '] is outside ' .. P)
-  end
-end
 
--- Declared keys, by name: K.leases, K.events... `names` lists the fixed keys in KEYS order.
+local K = nil -- set by each script with bind_keys: K.leases, K.events...
+
+-- Declared keys, by name. `names` lists the fixed keys in KEYS order.
 local function bind_keys(names)
   local k = {}
-  for i, name in ipairs(names) do
+  for i = 1, #names do
+    local name = names[i]
     if KEYS[i] ~= P .. name then
       argerr('keys', 'KEYS[' .. i .. '] must be ' .. P .. name)
     end
@@ -48,23 +57,43 @@ local function want_key(i, name)
   return KEYS[i]
 end
 
-local NOW = nil
-local function now_ms()
-  if not NOW then
-    local t = redis.call('TIME')
-    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Integer to decimal text (Lua's own conversion switches to an exponent at 1e14).
+local function int(n)
+  if n < 1e14 and n > -1e14 then
+    return n .. ''
   end
-  return NOW
-end
-
-local function fmt(n)
   return string.format('%.0f', n)
 end
 
-local HEX = '[0-9a-f]'
-local UUID_PATTERN = '^' .. string.rep(HEX, 8) .. '%-' .. string.rep(HEX, 4) .. '%-'
-  .. string.rep(HEX, 4) .. '%-' .. string.rep(HEX, 4) .. '%-' .. string.rep(HEX, 12) .. '$'
-local CLASS_PATTERN = '^' .. string.rep(HEX, 32) .. '$'
+-- Redis time in ms, as a number (now_ms) and as text (now_text), from one TIME per script. The
+-- text is cut from TIME's own digits (seconds, then the first 3 of 6 microsecond digits), so
+-- neither needs printf. A script may set NOW (tests' clock) before the first call.
+local NOW, NOW_TEXT = nil, nil
+local function now_text()
+  if not NOW_TEXT then
+    if NOW then
+      NOW_TEXT = int(NOW)
+    else
+      local t = redis.call('TIME')
+      local us = t[2]
+      local ms = #us > 3 and string.sub(us, 1, #us - 3) or ''
+      NOW_TEXT = t[1] .. string.sub('000', 1, 3 - #ms) .. ms
+      NOW = tonumber(NOW_TEXT)
+    end
+  end
+  return NOW_TEXT
+end
+local function now_ms()
+  if not NOW then now_text() end
+  return NOW
+end
+
+-- Literals (however long), not concatenations: Lua 5.1 would build and hash them again on every
+-- call.
+local UUID_PATTERN =
+  '^[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]%-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]%-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]%-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]%-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]$'
+local CLASS_PATTERN =
+  '^[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]$'
 
 local function uuid_arg(s, field)
   if type(s) ~= 'string' or not string.match(s, UUID_PATTERN) then
@@ -80,10 +109,12 @@ local function class_arg(s, field)
   return s
 end
 
+-- A non-negative integer argument in canonical digits, so it can be stored and passed on as
+-- the text it came as. Returns the number.
 local function int_arg(s, lo, hi, field)
-  local n = tonumber(s)
-  if not n or n ~= math.floor(n) or n < lo or n > hi then
-    argerr(field, 'must be an integer from ' .. fmt(lo) .. ' to ' .. fmt(hi))
+  local n = type(s) == 'string' and string.find(s, '^%d+$') and tonumber(s)
+  if not n or n < lo or n > hi then
+    argerr(field, 'must be an integer from ' .. int(lo) .. ' to ' .. int(hi))
   end
   return n
 end
@@ -105,50 +136,54 @@ local function json_arg(s, max_len, field)
   return s
 end
 
--- Builds a JSON object from {key, value, kind} triples without decoding anything: kind 's' is a
--- string (escaped by cjson), 'n' an integer, 'b' a boolean, 'raw' JSON text already validated.
--- A nil value (or false, which is how Redis hands back a missing field) drops the field, so
--- optional fields are simply absent; kind 'b' always writes true or false.
+-- Builds a JSON object from {key, value, kind} triples without decoding anything. Keys are our
+-- own identifiers and need no escaping. Kinds: 'w' a word we wrote or checked (UUIDs, class ids,
+-- status words, our reasons), quoted as it is; 's' any text, escaped by cjson; 'n' an integer;
+-- 'b' a boolean; 'raw' JSON text already validated. A nil value (or false, which is how Redis
+-- hands back a missing field) drops the field, so optional fields are simply absent; kind 'b'
+-- always writes true or false.
 local function json_obj(fields)
   local parts = {}
   for i = 1, #fields do
-    local key, value, kind = fields[i][1], fields[i][2], fields[i][3]
-    if kind == 'b' or (value ~= nil and value ~= false) then
+    local f = fields[i]
+    local key, value, kind = f[1], f[2], f[3]
+    if kind == 'b' then
+      parts[#parts + 1] = '"' .. key .. '":'
+        .. ((value == true or value == 1 or value == '1') and 'true' or 'false')
+    elseif value ~= nil and value ~= false then
       local text
-      if kind == 's' then
+      if kind == 'w' then
+        text = '"' .. value .. '"'
+      elseif kind == 's' then
         text = cjson.encode(value)
       elseif kind == 'n' then
-        text = fmt(value)
-      elseif kind == 'b' then
-        text = (value == true or value == 1 or value == '1') and 'true' or 'false'
+        text = int(value)
       else
         text = value
       end
-      parts[#parts + 1] = cjson.encode(key) .. ':' .. text
+      parts[#parts + 1] = '"' .. key .. '":' .. text
     end
   end
   return '{' .. table.concat(parts, ',') .. '}'
 end
 
--- Key builders for per-id keys (see the header).
-local function k_job(id) return P .. 'job:' .. id end
-local function k_exec(eid) return P .. 'exec:' .. eid end
-local function k_queue(class) return P .. 'q:' .. class end
-local function k_wake(class) return P .. 'wake:' .. class end
-local function k_held(uid) return P .. 'held:' .. uid end
-local function k_user_running(uid) return P .. 'user:' .. uid .. ':running' end
-local function k_machine(mid) return P .. 'machine:' .. mid end
-local function k_machine_execs(mid) return P .. 'machine:' .. mid .. ':execs' end
+-- Per-id keys (see the header): key('job:', id), key('user:', uid, ':running')... One helper
+-- rather than one per kind of key: each local function is built again on every call.
+local function key(kind, id, suffix)
+  if suffix then return P .. kind .. id .. suffix end
+  return P .. kind .. id
+end
 
 -- A wake list only has to hold enough tokens to wake the claimers that are blocked right now
 -- (each script pushes one token, and Redis hands it to a blocked BLPOP as soon as the script
--- ends); the cap bounds the spurious wake-ups left behind when nobody was waiting.
+-- ends); the cap bounds the spurious wake-ups left behind when nobody was waiting. A list that
+-- nobody drains (every claimer busy) is cut back to WAKE_CAP once it reaches twice that, so the
+-- trim costs one command per WAKE_CAP pushes instead of one per push.
 local WAKE_CAP = 32
 
 -- Offline machines keep their hash this long (admin pages, a box that comes back), then go.
 local OFFLINE_MACHINE_TTL_MS = 7 * 24 * 3600 * 1000
 
-local K = nil -- set by each script with bind_keys
 local EPOCH = nil -- the epoch value when the script declared the epoch key and it exists
 
 local function load_epoch()
@@ -156,21 +191,27 @@ local function load_epoch()
   return EPOCH
 end
 
+-- The settings, read once per script whoever asks. finished_ttl is kept as text (it is only
+-- ever passed on to PEXPIRE).
+local CFG = nil
 local function config()
-  local c = redis.call('HMGET', K.config, 'max_concurrent_jobs_per_user', 'max_queue_size',
-    'lease_ms', 'finished_ttl_ms')
-  return {
-    per_user = tonumber(c[1]) or 10,
-    max_queue = tonumber(c[2]) or 1000,
-    lease_ms = tonumber(c[3]) or 60000,
-    finished_ttl_ms = tonumber(c[4]) or 3600000,
-  }
+  if not CFG then
+    local c = redis.call('HMGET', K.config, 'max_concurrent_jobs_per_user', 'max_queue_size',
+      'lease_ms', 'finished_ttl_ms')
+    CFG = {
+      per_user = tonumber(c[1]) or 10,
+      max_queue = tonumber(c[2]) or 1000,
+      lease_ms = tonumber(c[3]) or 60000,
+      finished_ttl = c[4] or '3600000',
+    }
+  end
+  return CFG
 end
 
 -- Every state change writes its event in the same script, so Redis and the stream never
 -- disagree. `data` is JSON text (see json_obj) or nil.
 local function emit(kind, job, exec, machine, data)
-  local f = { 'type', kind, 'ts', fmt(now_ms()) }
+  local f = { 'type', kind, 'ts', now_text() }
   if EPOCH then f[#f + 1] = 'ep'; f[#f + 1] = EPOCH end
   if job then f[#f + 1] = 'job'; f[#f + 1] = job end
   if exec then f[#f + 1] = 'exec'; f[#f + 1] = exec end
@@ -180,180 +221,44 @@ local function emit(kind, job, exec, machine, data)
 end
 
 local function wake(class)
-  local key = k_wake(class)
-  redis.call('LPUSH', key, '1')
-  redis.call('LTRIM', key, 0, WAKE_CAP - 1)
+  local wk = key('wake:', class)
+  if redis.call('LPUSH', wk, '1') > 2 * WAKE_CAP then
+    redis.call('LTRIM', wk, 0, WAKE_CAP - 1)
+  end
+end
+
+-- A QUEUED job into its class queue at `score`, with its wake token. The heads index keeps a
+-- lower bound of every non-empty queue's head (ZADD LT only ever lowers it, and adds the class
+-- when it is missing); removals never touch it, claims that walk the index tighten it.
+local function place(class, id, score)
+  redis.call('ZADD', key('q:', class), score, id)
+  redis.call('ZADD', K.heads, 'LT', score, class)
+  wake(class)
 end
 
 -- Machine status follows from facts: the operator's drain flag, whether the agent said it is
--- ready, and how many of its slots are taken. Emits machine.status when it changes.
--- `ready`: true/false to set readiness, nil to keep it as it is.
-local function machine_refresh(mid, ready, reason)
-  local mk = k_machine(mid)
-  local m = redis.call('HMGET', mk, 'status', 'max_slots', 'drain')
-  local old = m[1]
-  if not old or old == 'OFFLINE' or old == 'TERMINATED' then return old end
-  local running = redis.call('SCARD', k_machine_execs(mid))
-  if ready == nil then ready = old ~= 'STARTING' end
-  if running > 0 then ready = true end
-  local new
-  if m[3] == '1' then
-    new = 'DRAINING'
-  elseif not ready then
-    new = 'STARTING'
-  elseif running >= (tonumber(m[2]) or 1) then
-    new = 'BUSY'
-  else
-    new = 'AVAILABLE'
-  end
+-- ready (a machine that runs something is), and how many of its slots are taken.
+local function machine_status_for(drain, ready, running, max_slots)
+  if drain == '1' then return 'DRAINING' end
+  if not ready and running == 0 then return 'STARTING' end
+  if running >= max_slots then return 'BUSY' end
+  return 'AVAILABLE'
+end
+
+-- machine.status data. Statuses and reasons are our own words: no escaping.
+local function status_json(new, old, reason)
+  local s = '{"status":"' .. new .. '"'
+  if old then s = s .. ',"previous":"' .. old .. '"' end
+  if reason then s = s .. ',"reason":"' .. reason .. '"' end
+  return s .. '}'
+end
+
+-- Writes a machine's new status, with its machine.status event, when it changed.
+local function set_machine_status(mid, old, new, reason)
   if new ~= old then
-    redis.call('HSET', mk, 'status', new)
-    emit('machine.status', nil, nil, mid,
-      json_obj({ { 'status', new, 's' }, { 'previous', old, 's' }, { 'reason', reason, 's' } }))
+    redis.call('HSET', key('machine:', mid), 'status', new)
+    emit('machine.status', nil, nil, mid, status_json(new, old, reason))
   end
   return new
 end
 
--- Moves up to `free` of a user's held jobs back to their class queues, best first, and wakes
--- claimers for them. Called whenever the user's running count drops.
-local function unpark(uid, free)
-  if free <= 0 then return end
-  local held = k_held(uid)
-  local ids = redis.call('ZRANGE', held, 0, free - 1)
-  for _, id in ipairs(ids) do
-    redis.call('ZREM', held, id)
-    local j = redis.call('HMGET', k_job(id), 'class', 'score', 'status')
-    if j[1] and j[3] == 'QUEUED' then
-      redis.call('ZADD', k_queue(j[1]), j[2], id)
-      wake(j[1])
-    end
-  end
-end
-
-local function release_user(uid, cfg)
-  local key = k_user_running(uid)
-  local n = redis.call('DECR', key)
-  if n <= 0 then
-    redis.call('DEL', key)
-    n = 0
-  end
-  unpark(uid, cfg.per_user - n)
-end
-
--- Ends an execution: lease and timeout gone, tombstone kept for finished_ttl (so a late report
--- can still be told apart: another machine's → refused, its own → stale), machine and user
--- slots freed.
-local function end_execution(eid, mid, uid, exec_status, cfg)
-  redis.call('ZREM', K.leases, eid)
-  redis.call('ZREM', K.timeouts, eid)
-  local ek = k_exec(eid)
-  redis.call('HSET', ek, 'status', exec_status, 'ended_ms', fmt(now_ms()))
-  redis.call('PEXPIRE', ek, cfg.finished_ttl_ms)
-  redis.call('SREM', k_machine_execs(mid), eid)
-  machine_refresh(mid, nil, nil)
-  release_user(uid, cfg)
-end
-
--- A job back in its place: the score it got at submission is kept, so a requeued job goes
--- ahead of everything submitted after it at its priority.
-local function requeue(id)
-  local jk = k_job(id)
-  redis.call('HSET', jk, 'status', 'QUEUED')
-  redis.call('HDEL', jk, 'execution_id', 'machine_id', 'started_ms', 'progress')
-  local j = redis.call('HMGET', jk, 'class', 'score')
-  redis.call('ZADD', k_queue(j[1]), j[2], id)
-  redis.call('INCR', K.queued)
-  wake(j[1])
-end
-
--- A finished job keeps its hash for finished_ttl (idempotent enqueue, late reports, the API's
--- fast path) but not its payload, which is the big part.
-local function finish(id, status, cfg, extra)
-  local jk = k_job(id)
-  redis.call('HSET', jk, 'status', status, 'finished_ms', fmt(now_ms()))
-  if extra then redis.call('HSET', jk, unpack(extra)) end
-  redis.call('HDEL', jk, 'payload', 'progress')
-  redis.call('PEXPIRE', jk, cfg.finished_ttl_ms)
-end
-
--- The fence. A report is accepted only from the job's current execution, and only from the
--- machine that runs it. Returns job id and the job's fields on success, else nil and the
--- outcome to reply with. Another machine's report changes nothing and writes no event (it must
--- not get the real execution marked stale); a late report of the caller's own execution is
--- recorded as execution.stale. `done_status`: the execution status this report leads to, when
--- a repeat of it (the agent retrying after a lost reply) should just be answered 'again'.
-local function fence(mid, eid, report, done_status)
-  local ex = redis.call('HMGET', k_exec(eid), 'job', 'machine', 'status')
-  if ex[1] and ex[2] ~= mid then return nil, 'not_owner' end
-  if ex[1] and done_status and ex[3] == done_status then return nil, 'again' end
-  if ex[1] and ex[3] == 'RUNNING' then
-    local j = redis.call('HMGET', k_job(ex[1]), 'status', 'execution_id', 'user_id', 'attempts',
-      'max_attempts', 'cancel_requested')
-    if j[1] == 'PROCESSING' and j[2] == eid then
-      return ex[1], {
-        user = j[3],
-        attempts = tonumber(j[4]) or 0,
-        max_attempts = tonumber(j[5]) or 1,
-        cancel = j[6] == '1',
-      }
-    end
-  end
-  emit('execution.stale', ex[1], eid, mid,
-    json_obj({ { 'report', report, 's' }, { 'exec_status', ex[3], 's' } }))
-  return nil, 'stale'
-end
-
--- An execution nobody watches any more (its lease expired, its machine left): the job goes back
--- to its place while it has attempts left, else FAILED attempts_exhausted; a job whose cancel
--- was asked for ends CANCELLED. Returns what happened.
-local function lose_execution(eid, reason, cfg)
-  redis.call('ZREM', K.leases, eid)
-  redis.call('ZREM', K.timeouts, eid)
-  local ex = redis.call('HMGET', k_exec(eid), 'job', 'machine', 'status', 'user')
-  if not ex[1] or ex[3] ~= 'RUNNING' then return 'cleaned' end
-  local id, mid, uid = ex[1], ex[2], ex[4]
-  local j = redis.call('HMGET', k_job(id), 'status', 'execution_id', 'attempts', 'max_attempts',
-    'cancel_requested')
-  end_execution(eid, mid, uid, 'LOST', cfg)
-  if j[1] ~= 'PROCESSING' or j[2] ~= eid then return 'cleaned' end
-  local attempts = tonumber(j[3]) or 0
-  if j[5] == '1' then
-    finish(id, 'CANCELLED', cfg, nil)
-    emit('job.cancelled', id, eid, mid,
-      json_obj({ { 'reason', reason, 's' }, { 'exec_status', 'LOST', 's' } }))
-    return 'cancelled'
-  elseif attempts < (tonumber(j[4]) or 1) then
-    requeue(id)
-    emit('job.requeued', id, eid, mid, json_obj({ { 'reason', reason, 's' },
-      { 'attempts', attempts, 'n' }, { 'exec_status', 'LOST', 's' } }))
-    return 'requeued'
-  else
-    local err = json_obj({ { 'code', 'attempts_exhausted', 's' },
-      { 'message', 'the job was lost ' .. attempts .. ' times (' .. reason .. ')', 's' } })
-    finish(id, 'FAILED', cfg, { 'error', err })
-    emit('job.failed', id, eid, mid, json_obj({ { 'error', err, 'raw' },
-      { 'attempts', attempts, 'n' }, { 'reason', reason, 's' }, { 'exec_status', 'LOST', 's' } }))
-    return 'failed'
-  end
-end
-
--- Runs past its hard deadline: FAILED timeout, whatever attempts are left (DESIGN.md).
-local function time_out_execution(eid, cfg)
-  redis.call('ZREM', K.timeouts, eid)
-  local ex = redis.call('HMGET', k_exec(eid), 'job', 'machine', 'status', 'user')
-  if not ex[1] or ex[3] ~= 'RUNNING' then
-    redis.call('ZREM', K.leases, eid)
-    return 'cleaned'
-  end
-  local id, mid, uid = ex[1], ex[2], ex[4]
-  local j = redis.call('HMGET', k_job(id), 'status', 'execution_id', 'attempts', 'timeout_ms')
-  end_execution(eid, mid, uid, 'FAILED', cfg)
-  if j[1] ~= 'PROCESSING' or j[2] ~= eid then return 'cleaned' end
-  local err = json_obj({ { 'code', 'timeout', 's' },
-    { 'message', 'the job ran longer than its timeout of ' .. j[4] .. ' ms', 's' } })
-  finish(id, 'FAILED', cfg, { 'error', err })
-  emit('job.failed', id, eid, mid, json_obj({ { 'error', err, 'raw' },
-    { 'attempts', tonumber(j[3]) or 0, 'n' }, { 'reason', 'timeout', 's' },
-    { 'exec_status', 'FAILED', 's' } }))
-  return 'timed_out'
-end

@@ -1,9 +1,9 @@
 -- complete: the current execution finished; the job is COMPLETED. Idempotent for the same
 -- execution (a retry after a lost reply answers ok and writes nothing).
--- KEYS: epoch, config, leases, timeouts, queued, events
+-- KEYS: epoch, config, leases, queued, events, heads
 -- ARGV: prefix, machine_id, execution_id, outputs_json
 -- Reply: {'ok'} | {'stale'} | {'not_owner'} | {'restoring'}
-K = bind_keys({ 'epoch', 'config', 'leases', 'timeouts', 'queued', 'events' })
+K = bind_keys({ 'epoch', 'config', 'leases', 'queued', 'events', 'heads' })
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 local outputs = json_arg(ARGV[4], 1048576, 'outputs')
@@ -13,9 +13,8 @@ local id, job = fence(mid, eid, 'complete', 'COMPLETED')
 -- A repeat of a complete that went through (its reply was lost) is answered ok, once more.
 if job == 'again' then return { 'ok' } end
 if not id then return { job } end
-local cfg = config()
-end_execution(eid, mid, job.user, 'COMPLETED', cfg)
-finish(id, 'COMPLETED', cfg, nil)
-emit('job.completed', id, eid, mid, json_obj({ { 'attempts', job.attempts, 'n' },
-  { 'exec_status', 'COMPLETED', 's' }, { 'outputs', outputs, 'raw' } }))
+end_execution(eid, mid, job.user, 'COMPLETED')
+finish(id, 'COMPLETED', job.progress)
+emit('job.completed', id, eid, mid, '{"attempts":' .. job.attempts_text
+  .. ',"exec_status":"COMPLETED","outputs":' .. outputs .. '}')
 return { 'ok' }

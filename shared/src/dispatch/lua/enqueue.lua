@@ -1,52 +1,57 @@
 -- enqueue: a new job into its class queue (control plane; also the reconciler's restore path).
 -- Idempotent on the job id: a job that exists in any state is left as it is.
--- KEYS: epoch, config, seq, queued, classes, classes:ver, events, job:<id>, q:<class>, wake:<class>
+-- KEYS: epoch, config, seq, queued, classes, classes:ver, events, heads, job:<id>, q:<class>,
+--       wake:<class>
 -- ARGV: prefix, job_id, user_id, class, requirements_json, priority (0-100), max_attempts,
 --       timeout_ms, payload, check_queue_size (0|1)
 -- Reply: {'queued', seq, parked (0|1)} | {'exists', status} | {'queue_full', queued}
-K = bind_keys({ 'epoch', 'config', 'seq', 'queued', 'classes', 'classes:ver', 'events' })
+K = bind_keys({ 'epoch', 'config', 'seq', 'queued', 'classes', 'classes:ver', 'events', 'heads' })
 local id = uuid_arg(ARGV[2], 'job_id')
 local uid = uuid_arg(ARGV[3], 'user_id')
 local class = class_arg(ARGV[4], 'class')
 local requirements = json_arg(ARGV[5], 65536, 'requirements')
 local priority = int_arg(ARGV[6], 0, 100, 'priority')
-local max_attempts = int_arg(ARGV[7], 1, 100, 'max_attempts')
-local timeout_ms = int_arg(ARGV[8], 1, 30 * 86400 * 1000, 'timeout_ms')
+int_arg(ARGV[7], 1, 100, 'max_attempts')
+int_arg(ARGV[8], 1, 30 * 86400 * 1000, 'timeout_ms')
 local payload = ARGV[9]
 if type(payload) ~= 'string' then argerr('payload', 'missing') end
 local check = int_arg(ARGV[10], 0, 1, 'check_queue_size') == 1
-local jk = want_key(8, 'job:' .. id)
-local qk = want_key(9, 'q:' .. class)
-want_key(10, 'wake:' .. class)
+local jk = want_key(9, 'job:' .. id)
+want_key(10, 'q:' .. class)
+want_key(11, 'wake:' .. class)
 
 load_epoch()
 local existing = redis.call('HGET', jk, 'status')
 if existing then return { 'exists', existing } end
 local cfg = config()
-local queued = tonumber(redis.call('GET', K.queued) or '0')
-if check and queued >= cfg.max_queue then return { 'queue_full', queued } end
+if check then
+  local queued = tonumber(redis.call('GET', K.queued) or '0')
+  if queued >= cfg.max_queue then return { 'queue_full', queued } end
+end
 
 local seq = redis.call('INCR', K.seq)
 -- (100 - priority) * 2^40 + seq: ZRANGE 0 0 is the highest priority, then the oldest.
 -- Below 2^53, so exact as a double and as a sorted-set score.
-local score = fmt((100 - priority) * 1099511627776 + seq)
-local now = fmt(now_ms())
-redis.call('HSET', jk, 'user_id', uid, 'class', class, 'priority', fmt(priority), 'seq', fmt(seq),
-  'score', score, 'status', 'QUEUED', 'attempts', '0', 'max_attempts', fmt(max_attempts),
-  'timeout_ms', fmt(timeout_ms), 'cancel_requested', '0', 'payload', payload,
-  'submitted_ms', now)
+local score = int((100 - priority) * 1099511627776 + seq)
+local seq_s = int(seq)
+-- The integer arguments are canonical digits (int_arg): stored as they came.
+redis.call('HSET', jk, 'user_id', uid, 'class', class, 'priority', ARGV[6], 'seq', seq_s,
+  'score', score, 'status', 'QUEUED', 'attempts', '0', 'max_attempts', ARGV[7],
+  'timeout_ms', ARGV[8], 'cancel_requested', '0', 'payload', payload,
+  'submitted_ms', now_text())
 redis.call('INCR', K.queued)
 if redis.call('HSETNX', K.classes, class, requirements) == 1 then
   redis.call('INCR', K['classes:ver'])
 end
 -- A user already at their limit: straight to the held set, so claims never have to look at it.
-local parked = tonumber(redis.call('GET', k_user_running(uid)) or '0') >= cfg.per_user
+local parked = tonumber(redis.call('GET', key('user:', uid, ':running')) or '0')
+  >= cfg.per_user
 if parked then
-  redis.call('ZADD', k_held(uid), score, id)
+  redis.call('ZADD', key('held:', uid), score, id)
 else
-  redis.call('ZADD', qk, score, id)
-  wake(class)
+  place(class, id, score)
 end
-emit('job.submitted', id, nil, nil, json_obj({ { 'user_id', uid, 's' }, { 'class', class, 's' },
-  { 'priority', priority, 'n' }, { 'seq', seq, 'n' }, { 'parked', parked, 'b' } }))
+emit('job.submitted', id, nil, nil, '{"user_id":"' .. uid .. '","class":"' .. class
+  .. '","priority":' .. ARGV[6] .. ',"seq":' .. seq_s .. ',"parked":'
+  .. (parked and 'true' or 'false') .. '}')
 return { 'queued', seq, parked and 1 or 0 }

@@ -15,18 +15,19 @@ if #ARGV - 4 > 1024 then argerr('running', 'at most 1024 execution ids') end
 for i = 5, #ARGV do uuid_arg(ARGV[i], 'running') end
 
 if not load_epoch() then return { 'restoring' } end
-local m = redis.call('HMGET', mk, 'status', 'drain')
+local m = redis.call('HMGET', mk, 'status', 'drain', 'max_slots')
 if not m[1] or m[1] == 'OFFLINE' or m[1] == 'TERMINATED' then return { 'unknown_machine' } end
-local cfg = config()
-local now = now_ms()
-redis.call('HSET', mk, 'last_heartbeat_ms', fmt(now), 'gpu_stats', gpu)
-redis.call('ZADD', K.machines, fmt(now), mid)
+local now = now_text()
 
+local members = redis.call('SMEMBERS', execs_key)
 local current = {}
-for _, eid in ipairs(redis.call('SMEMBERS', execs_key)) do current[eid] = true end
--- Only executions both sides agree on get their lease extended: one the machine holds but the
--- agent no longer reports (it restarted, it lost track) must expire and be requeued; one the
--- agent reports but the machine does not hold (requeued, timed out, never its own) must stop.
+for i = 1, #members do current[members[i]] = true end
+-- Only executions both sides agree on get their lease extended (up to their hard deadline): one
+-- the machine holds but the agent no longer reports (it restarted, it lost track) must expire
+-- and be requeued; one the agent reports but the machine does not hold (requeued, timed out,
+-- never its own) must stop.
+local lease_until = now_ms() + config().lease_ms
+local lease_text = nil
 local cancel, abandon, seen = {}, {}, {}
 local extended = 0
 for i = 5, #ARGV do
@@ -34,10 +35,18 @@ for i = 5, #ARGV do
   if not seen[eid] then
     seen[eid] = true
     if current[eid] then
-      redis.call('ZADD', K.leases, 'XX', fmt(now + cfg.lease_ms), eid)
+      local e = redis.call('HMGET', key('exec:', eid), 'job', 'deadline_ms')
+      local deadline = tonumber(e[2])
+      local until_text
+      if deadline and deadline < lease_until then
+        until_text = e[2]
+      else
+        lease_text = lease_text or int(lease_until)
+        until_text = lease_text
+      end
+      redis.call('ZADD', K.leases, 'XX', until_text, eid)
       extended = extended + 1
-      local id = redis.call('HGET', k_exec(eid), 'job')
-      if id and redis.call('HGET', k_job(id), 'cancel_requested') == '1' then
+      if e[1] and redis.call('HGET', key('job:', e[1]), 'cancel_requested') == '1' then
         cancel[#cancel + 1] = eid
       end
     else
@@ -46,9 +55,17 @@ for i = 5, #ARGV do
   end
 end
 
-local status = machine_refresh(mid, state == 'READY', nil)
+-- The beat and the status in one write.
+local status = machine_status_for(m[2], state == 'READY', #members, tonumber(m[3]) or 1)
+if status ~= m[1] then
+  redis.call('HSET', mk, 'last_heartbeat_ms', now, 'gpu_stats', gpu, 'status', status)
+  emit('machine.status', nil, nil, mid, status_json(status, m[1], nil))
+else
+  redis.call('HSET', mk, 'last_heartbeat_ms', now, 'gpu_stats', gpu)
+end
+redis.call('ZADD', K.machines, now, mid)
 emit('machine.heartbeat', nil, nil, mid, json_obj({ { 'running', extended, 'n' },
-  { 'status', status, 's' }, { 'gpu', gpu, 'raw' } }))
+  { 'status', status, 'w' }, { 'gpu', gpu, 'raw' } }))
 local reply = { 'ok', m[2] == '1' and 1 or 0, redis.call('GET', K['classes:ver']) or '0', status,
   #cancel }
 for _, eid in ipairs(cancel) do reply[#reply + 1] = eid end

@@ -7,13 +7,14 @@ K = bind_keys({ 'epoch', 'machines', 'events' })
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local action = ARGV[3]
 local mk = want_key(4, 'machine:' .. mid)
-want_key(5, 'machine:' .. mid .. ':execs')
+local execs_key = want_key(5, 'machine:' .. mid .. ':execs')
 if action ~= 'drain' and action ~= 'undrain' and action ~= 'offline' and action ~= 'terminated' then
   argerr('action', 'must be drain, undrain, offline or terminated')
 end
 
 load_epoch()
-local old = redis.call('HGET', mk, 'status')
+local m = redis.call('HMGET', mk, 'status', 'max_slots')
+local old = m[1]
 if not old then return { 'unknown_machine' } end
 if action == 'drain' or action == 'undrain' then
   if action == 'drain' then
@@ -21,14 +22,16 @@ if action == 'drain' or action == 'undrain' then
   else
     redis.call('HDEL', mk, 'drain')
   end
-  return { 'ok', machine_refresh(mid, nil, action) }
+  if old == 'OFFLINE' or old == 'TERMINATED' then return { 'ok', old } end
+  return { 'ok', set_machine_status(mid, old, machine_status_for(action == 'drain' and '1' or nil,
+    old ~= 'STARTING', redis.call('SCARD', execs_key), tonumber(m[2]) or 1), action) }
 end
 local new = string.upper(action)
 redis.call('ZREM', K.machines, mid)
 if old ~= new then
   redis.call('HSET', mk, 'status', new)
   redis.call('PEXPIRE', mk, OFFLINE_MACHINE_TTL_MS)
-  emit('machine.status', nil, nil, mid, json_obj({ { 'status', new, 's' }, { 'previous', old, 's' },
-    { 'reason', 'operator', 's' } }))
+  emit('machine.status', nil, nil, mid, json_obj({ { 'status', new, 'w' }, { 'previous', old, 'w' },
+    { 'reason', 'operator', 'w' } }))
 end
 return { 'ok', new }

@@ -17,21 +17,24 @@ local reused = 1
 if not mid then
   reused = 0
   mid = candidate
-  local other = redis.call('HGET', k_machine(mid), 'external_id')
+  local other = redis.call('HGET', key('machine:', mid), 'external_id')
   if other and other ~= external then argerr('machine_id', 'already belongs to another box') end
   redis.call('HSET', K['machine-ids'], external, mid)
 end
-local mk = k_machine(mid)
-local now = fmt(now_ms())
-local old = redis.call('HGET', mk, 'status')
+local mk = key('machine:', mid)
+local now = now_text()
+local m = redis.call('HMGET', mk, 'status', 'drain')
+local old = m[1]
 -- The drain flag survives a re-registration: an operator's drain outlives an agent restart.
 redis.call('HSET', mk, 'external_id', external, 'provider', provider, 'region', region,
-  'capabilities', caps, 'max_slots', fmt(max_slots), 'registered_ms', now, 'last_heartbeat_ms', now,
+  'capabilities', caps, 'max_slots', ARGV[7], 'registered_ms', now, 'last_heartbeat_ms', now,
   'status', 'STARTING')
 redis.call('PERSIST', mk)
 redis.call('ZADD', K.machines, now, mid)
 emit('machine.registered', nil, nil, mid, json_obj({ { 'external_id', external, 's' },
   { 'provider', provider, 's' }, { 'region', region, 's' }, { 'max_slots', max_slots, 'n' },
-  { 'reused', reused == 1, 'b' }, { 'previous', old, 's' }, { 'capabilities', caps, 'raw' } }))
-machine_refresh(mid, false, 'registered')
+  { 'reused', reused == 1, 'b' }, { 'previous', old, 'w' }, { 'capabilities', caps, 'raw' } }))
+-- Not ready yet (the agent says READY on a heartbeat), unless it still runs something.
+set_machine_status(mid, 'STARTING', machine_status_for(m[2], false,
+  redis.call('SCARD', key('machine:', mid, ':execs')), max_slots), 'registered')
 return { 'registered', mid, reused, redis.call('GET', K['classes:ver']) or '0' }

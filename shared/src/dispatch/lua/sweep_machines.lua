@@ -6,21 +6,21 @@
 -- Reply: {n_marked_offline}
 K = bind_keys({ 'epoch', 'machines', 'events' })
 local stale_ms = int_arg(ARGV[2], 1, 1e12, 'stale_ms')
-local limit = int_arg(ARGV[3], 1, 10000, 'limit')
+int_arg(ARGV[3], 1, 10000, 'limit')
 if ARGV[4] ~= '' then NOW = int_arg(ARGV[4], 0, 1e15, 'now_ms') end
 
 load_epoch()
 local n = 0
-local cutoff = fmt(now_ms() - stale_ms)
-for _, mid in ipairs(redis.call('ZRANGEBYSCORE', K.machines, '-inf', cutoff, 'LIMIT', 0, limit)) do
+for _, mid in ipairs(redis.call('ZRANGEBYSCORE', K.machines, '-inf', int(now_ms() - stale_ms),
+  'LIMIT', 0, ARGV[3])) do
   redis.call('ZREM', K.machines, mid)
-  local mk = k_machine(mid)
+  local mk = key('machine:', mid)
   local old = redis.call('HGET', mk, 'status')
   if old and old ~= 'OFFLINE' and old ~= 'TERMINATED' then
     redis.call('HSET', mk, 'status', 'OFFLINE')
     redis.call('PEXPIRE', mk, OFFLINE_MACHINE_TTL_MS)
-    emit('machine.status', nil, nil, mid, json_obj({ { 'status', 'OFFLINE', 's' },
-      { 'previous', old, 's' }, { 'reason', 'no_heartbeat', 's' } }))
+    emit('machine.status', nil, nil, mid, json_obj({ { 'status', 'OFFLINE', 'w' },
+      { 'previous', old, 'w' }, { 'reason', 'no_heartbeat', 'w' } }))
     n = n + 1
   end
 end

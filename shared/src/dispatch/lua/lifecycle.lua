@@ -1,0 +1,161 @@
+-- lifecycle.lua: helpers of the scripts that end, requeue or fence executions (complete, fail,
+-- cancelled, release, progress, cancel, requeue_expired, deregister). Rust glues it after
+-- common.lua and before the script's body, only for those scripts: every local a chunk defines
+-- is built again on each call (a closure costs a fraction of a µs), so scripts that need none of
+-- this (claim, enqueue, heartbeat, register...) do not pay for it.
+
+-- Reads the machine and refreshes its status (for scripts that had not read it already).
+-- `ready`: true/false to set readiness, nil to keep it as it is.
+local function machine_refresh(mid, ready, reason)
+  local m = redis.call('HMGET', key('machine:', mid), 'status', 'max_slots', 'drain')
+  local old = m[1]
+  if not old or old == 'OFFLINE' or old == 'TERMINATED' then return old end
+  local running = redis.call('SCARD', key('machine:', mid, ':execs'))
+  if ready == nil then ready = old ~= 'STARTING' end
+  return set_machine_status(mid, old,
+    machine_status_for(m[3], ready, running, tonumber(m[2]) or 1), reason)
+end
+
+-- Moves up to `free` of a user's held jobs back to their class queues, best first (ZPOPMIN:
+-- one command reads and removes them), and wakes claimers for them. Called whenever the user's
+-- running count drops.
+local function unpark(uid, free)
+  if free <= 0 then return end
+  local held = redis.call('ZPOPMIN', key('held:', uid), free)
+  for i = 1, #held, 2 do
+    local id = held[i]
+    local j = redis.call('HMGET', key('job:', id), 'class', 'status')
+    if j[1] and j[2] == 'QUEUED' then
+      place(j[1], id, held[i + 1])
+    end
+  end
+end
+
+local function release_user(uid)
+  local rk = key('user:', uid, ':running')
+  local n = redis.call('DECR', rk)
+  if n <= 0 then
+    redis.call('DEL', rk)
+    n = 0
+  end
+  unpark(uid, config().per_user - n)
+end
+
+-- Ends an execution: its lease entry gone, tombstone kept for finished_ttl (so a late report
+-- can still be told apart: another machine's → refused, its own → stale), machine and user
+-- slots freed.
+local function end_execution(eid, mid, uid, exec_status)
+  redis.call('ZREM', K.leases, eid)
+  local ek = key('exec:', eid)
+  redis.call('HSET', ek, 'status', exec_status, 'ended_ms', now_text())
+  redis.call('PEXPIRE', ek, config().finished_ttl)
+  redis.call('SREM', key('machine:', mid, ':execs'), eid)
+  machine_refresh(mid, nil, nil)
+  release_user(uid)
+end
+
+-- A job back in its place: the score it got at submission is kept, so a requeued job goes
+-- ahead of everything submitted after it at its priority.
+local function requeue(id, class, score)
+  local jk = key('job:', id)
+  redis.call('HSET', jk, 'status', 'QUEUED')
+  redis.call('HDEL', jk, 'execution_id', 'machine_id', 'started_ms', 'progress')
+  redis.call('INCR', K.queued)
+  place(class, id, score)
+end
+
+-- A finished job keeps its hash for finished_ttl (idempotent enqueue, late reports, the API's
+-- fast path) but not its payload, which is the big part: it is emptied in the same HSET.
+-- `had_progress`: the job has a progress field to drop. `field, value`: one more field to set.
+local function finish(id, status, had_progress, field, value)
+  local jk = key('job:', id)
+  if field then
+    redis.call('HSET', jk, 'status', status, 'finished_ms', now_text(), 'payload', '', field,
+      value)
+  else
+    redis.call('HSET', jk, 'status', status, 'finished_ms', now_text(), 'payload', '')
+  end
+  if had_progress then redis.call('HDEL', jk, 'progress') end
+  redis.call('PEXPIRE', jk, config().finished_ttl)
+end
+
+-- The job fields a fenced report or an expiry needs, in this order (see job_fields).
+local JOB_FIELDS = { 'status', 'execution_id', 'attempts', 'max_attempts', 'cancel_requested',
+  'class', 'score', 'progress', 'timeout_ms' }
+local function job_fields(id)
+  local j = redis.call('HMGET', key('job:', id), unpack(JOB_FIELDS))
+  return {
+    status = j[1],
+    execution_id = j[2],
+    attempts = tonumber(j[3]) or 0,
+    attempts_text = j[3] or '0',
+    max_attempts = tonumber(j[4]) or 1,
+    cancel = j[5] == '1',
+    class = j[6],
+    score = j[7],
+    progress = j[8] ~= false,
+    timeout_ms = j[9],
+  }
+end
+
+-- An execution's fields: job, machine, status, user, deadline_ms.
+local function exec_fields(eid)
+  return redis.call('HMGET', key('exec:', eid), 'job', 'machine', 'status', 'user',
+    'deadline_ms')
+end
+
+-- The fence. A report is accepted only from the job's current execution, and only from the
+-- machine that runs it. Returns job id and the job's fields (job_fields, plus `user`) on
+-- success, else nil and the outcome to reply with. Another machine's report changes nothing and
+-- writes no event (it must not get the real execution marked stale); a late report of the
+-- caller's own execution is recorded as execution.stale. `done_status`: the execution status
+-- this report leads to, when a repeat of it (the agent retrying after a lost reply) should just
+-- be answered 'again'.
+local function fence(mid, eid, report, done_status)
+  local ex = exec_fields(eid)
+  if ex[1] and ex[2] ~= mid then return nil, 'not_owner' end
+  if ex[1] and done_status and ex[3] == done_status then return nil, 'again' end
+  if ex[1] and ex[3] == 'RUNNING' then
+    local j = job_fields(ex[1])
+    if j.status == 'PROCESSING' and j.execution_id == eid then
+      j.user = ex[4]
+      return ex[1], j
+    end
+  end
+  emit('execution.stale', ex[1], eid, mid,
+    json_obj({ { 'report', report, 'w' }, { 'exec_status', ex[3], 'w' } }))
+  return nil, 'stale'
+end
+
+-- An execution nobody watches any more (its lease expired, its machine left): the job goes back
+-- to its place while it has attempts left, else FAILED attempts_exhausted; a job whose cancel
+-- was asked for ends CANCELLED. `ex`: the execution's exec_fields. Returns what happened.
+local function lose_execution(eid, ex, reason)
+  if not ex[1] or ex[3] ~= 'RUNNING' then
+    redis.call('ZREM', K.leases, eid)
+    return 'cleaned'
+  end
+  local id, mid = ex[1], ex[2]
+  local j = job_fields(id)
+  end_execution(eid, mid, ex[4], 'LOST')
+  if j.status ~= 'PROCESSING' or j.execution_id ~= eid then return 'cleaned' end
+  local attempts = j.attempts
+  if j.cancel then
+    finish(id, 'CANCELLED', j.progress)
+    emit('job.cancelled', id, eid, mid,
+      json_obj({ { 'reason', reason, 'w' }, { 'exec_status', 'LOST', 'w' } }))
+    return 'cancelled'
+  elseif attempts < j.max_attempts then
+    requeue(id, j.class, j.score)
+    emit('job.requeued', id, eid, mid, json_obj({ { 'reason', reason, 'w' },
+      { 'attempts', attempts, 'n' }, { 'exec_status', 'LOST', 'w' } }))
+    return 'requeued'
+  else
+    local err = json_obj({ { 'code', 'attempts_exhausted', 'w' },
+      { 'message', 'the job was lost ' .. attempts .. ' times (' .. reason .. ')', 's' } })
+    finish(id, 'FAILED', j.progress, 'error', err)
+    emit('job.failed', id, eid, mid, json_obj({ { 'error', err, 'raw' },
+      { 'attempts', attempts, 'n' }, { 'reason', reason, 'w' }, { 'exec_status', 'LOST', 'w' } }))
+    return 'failed'
+  end
+end
