@@ -26,10 +26,10 @@ pub async fn follow(client: &ApiClient, id: Uuid) -> Result<Value, CliError> {
         ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("the template is valid"),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
-    bar.set_message(format!("job {id}: connecting"));
+    bar.set_message("connecting");
     let path = format!("/api/v1/jobs/{id}/events");
     let result = loop {
-        let open = || async { stream_once(client, &path, id, &bar).await };
+        let open = || async { stream_once(client, &path, &bar).await };
         let end = open
             .retry(
                 ExponentialBuilder::default()
@@ -39,7 +39,7 @@ pub async fn follow(client: &ApiClient, id: Uuid) -> Result<Value, CliError> {
             )
             // Refusals (401, 404…) will not change by asking again; broken connections may.
             .when(|error| matches!(error, CliError::Unreachable { .. } | CliError::Protocol(_)))
-            .notify(|_, wait| bar.set_message(format!("job {id}: reconnecting in {wait:?}")))
+            .notify(|_, wait| bar.set_message(format!("reconnecting in {wait:?}")))
             .await;
         match end {
             Ok(Some(job)) => break Ok(job),
@@ -57,7 +57,6 @@ pub async fn follow(client: &ApiClient, id: Uuid) -> Result<Value, CliError> {
 async fn stream_once(
     client: &ApiClient,
     path: &str,
-    id: Uuid,
     bar: &ProgressBar,
 ) -> Result<Option<Value>, CliError> {
     let response = client.open_stream(path).await?;
@@ -72,7 +71,7 @@ async fn stream_once(
         };
         for event in parser.feed(&chunk) {
             delivered = true;
-            if let Some(job) = show_event(&event, id, bar)? {
+            if let Some(job) = show_event(&event, bar)? {
                 return Ok(Some(job));
             }
         }
@@ -87,7 +86,7 @@ async fn stream_once(
 }
 
 /// Updates the bar for one event; returns the final job on `done`.
-fn show_event(event: &SseEvent, id: Uuid, bar: &ProgressBar) -> Result<Option<Value>, CliError> {
+fn show_event(event: &SseEvent, bar: &ProgressBar) -> Result<Option<Value>, CliError> {
     let data: Value = serde_json::from_str(&event.data).map_err(|error| {
         CliError::Protocol(format!("`{}` event is not JSON: {error}", event.name))
     })?;
@@ -96,9 +95,9 @@ fn show_event(event: &SseEvent, id: Uuid, bar: &ProgressBar) -> Result<Option<Va
             let status = data.get("status").and_then(Value::as_str).unwrap_or("?");
             let attempt = data.get("attempts").and_then(Value::as_u64).unwrap_or(0);
             if attempt > 1 {
-                bar.set_message(format!("job {id}: {status} (attempt {attempt})"));
+                bar.set_message(format!("{status} (attempt {attempt})"));
             } else {
-                bar.set_message(format!("job {id}: {status}"));
+                bar.set_message(status.to_owned());
             }
         }
         "progress" => {
@@ -118,7 +117,7 @@ fn show_event(event: &SseEvent, id: Uuid, bar: &ProgressBar) -> Result<Option<Va
                 bar.set_position(value.min(max));
             }
             let node = data.get("node").and_then(Value::as_str).unwrap_or("?");
-            bar.set_message(format!("job {id}: PROCESSING node {node}"));
+            bar.set_message(format!("PROCESSING node {node}"));
         }
         "output" => {
             let name = data.get("filename").and_then(Value::as_str).unwrap_or("?");
@@ -223,26 +222,25 @@ mod tests {
     #[test]
     fn the_done_event_ends_the_follow() {
         let bar = ProgressBar::hidden();
-        let id = Uuid::nil();
         let progress = SseEvent {
             name: "progress".into(),
             data: r#"{"value": 3, "max": 20, "node": "3"}"#.into(),
         };
-        assert!(show_event(&progress, id, &bar).unwrap().is_none());
+        assert!(show_event(&progress, &bar).unwrap().is_none());
         assert_eq!(bar.position(), 3);
         assert_eq!(bar.length(), Some(20));
         let done = SseEvent {
             name: "done".into(),
             data: r#"{"status": "COMPLETED"}"#.into(),
         };
-        let job = show_event(&done, id, &bar).unwrap().unwrap();
+        let job = show_event(&done, &bar).unwrap().unwrap();
         assert_eq!(status_of(&job), Some(JobStatus::Completed));
         let broken = SseEvent {
             name: "status".into(),
             data: "{".into(),
         };
         assert!(matches!(
-            show_event(&broken, id, &bar),
+            show_event(&broken, &bar),
             Err(CliError::Protocol(_))
         ));
     }

@@ -218,6 +218,79 @@ async fn refusals_exit_with_their_codes(db: PgPool) {
     system.stop().await;
 }
 
+#[sqlx::test(migrations = "../migrations")]
+async fn templates_are_managed_and_submitted_with_parameters(db: PgPool) {
+    let system = System::start(db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("template.json");
+    let mut workflow = quickstart_workflow();
+    workflow["1"]["inputs"]["color"] = json!("{{color}}");
+    workflow["3"]["inputs"]["filename_prefix"] = json!("tpl_{{name}}");
+    std::fs::write(&file, workflow.to_string()).unwrap();
+
+    let created = system
+        .emp(&[
+            "templates",
+            "create",
+            "--name",
+            "square",
+            "--file",
+            file.to_str().unwrap(),
+            "--json",
+        ])
+        .await;
+    let template = created.expect_code(0).json();
+    let id = template["id"].as_str().unwrap().to_owned();
+    let list = system.emp(&["templates", "list"]).await;
+    assert!(
+        list.expect_code(0).stdout.contains("square"),
+        "{}",
+        list.stdout
+    );
+    system
+        .emp(&["templates", "update", &id, "--public", "true"])
+        .await
+        .expect_code(0);
+    let got = system.emp(&["templates", "get", &id, "--json"]).await;
+    assert_eq!(got.expect_code(0).json()["is_public"], true);
+
+    let out = dir.path().join("out");
+    let run = system
+        .emp(&[
+            "submit",
+            "--template",
+            &id,
+            "--param",
+            "color=255",
+            "--param",
+            "name=blue",
+            "--wait",
+            "--json",
+            "--output-dir",
+            out.to_str().unwrap(),
+        ])
+        .await;
+    let job = run.expect_code(0).json();
+    assert_eq!(job["status"], "COMPLETED", "{job}");
+    assert_eq!(job["workflow"]["1"]["inputs"]["color"], 255, "{job}");
+    let filename = job["outputs"][0]["filename"].as_str().unwrap();
+    assert!(filename.starts_with("tpl_blue"), "{filename}");
+    assert!(out.join(filename).is_file());
+
+    // A parameter the template needs and the submit lacks: invalid input.
+    system
+        .emp(&["submit", "--template", &id, "--param", "color=1"])
+        .await
+        .expect_code(6);
+    system
+        .emp(&["templates", "delete", &id])
+        .await
+        .expect_code(0);
+    system.emp(&["templates", "get", &id]).await.expect_code(5);
+
+    system.stop().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_api_and_a_missing_configuration_have_their_codes() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
