@@ -239,12 +239,21 @@ impl Dispatcher {
             return Err(DispatchFailure::Finished(job.status));
         }
         let mut redis = self.connection()?;
-        match self.dispatch.cancel(&mut redis, &job.id).await? {
+        let outcome = self.dispatch.cancel(&mut redis, &job.id).await?;
+        match outcome {
             CancelOutcome::Cancelled | CancelOutcome::Unknown => {
                 // Unknown: Redis lost it (the reconciler has not re-queued it yet); Postgres is
                 // the truth, so cancel it there and the reconciler will not queue it again.
                 match jobs::update_status(&self.db, job.id, JobStatus::Cancelled, None).await {
                     Ok(job) => Ok(Cancelled::Now(job)),
+                    // The persister wrote the `job.cancelled` event this very cancel put on
+                    // the stream before the update above ran: the cancel succeeded.
+                    Err(DbError::IllegalTransition {
+                        from: JobStatus::Cancelled,
+                        ..
+                    }) if matches!(outcome, CancelOutcome::Cancelled) => {
+                        Ok(Cancelled::Now(jobs::find_by_id(&self.db, job.id).await?))
+                    }
                     Err(DbError::IllegalTransition { from, .. }) => {
                         Err(DispatchFailure::Finished(from))
                     }
