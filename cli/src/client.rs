@@ -90,9 +90,6 @@ impl ApiClient {
         if let Some(inner) = innermost {
             reason = format!("{reason}: {inner}");
         }
-        if error.is_builder() && self.base.starts_with("https://") {
-            reason.push_str(" (this build of emp speaks plain http only)");
-        }
         CliError::Unreachable {
             url: self.base.clone(),
             reason,

@@ -104,15 +104,18 @@ pub fn resolve(
     flag_key: Option<&str>,
     file: &FileConfig,
 ) -> Result<Settings, CliError> {
-    let api_url = flag_url
-        .map(str::to_owned)
-        .or_else(|| file.api_url.clone())
+    // An empty value (`EMP_API_KEY=`) counts as not given.
+    let given = |value: Option<&str>| {
+        value
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    let api_url = given(flag_url)
+        .or_else(|| given(file.api_url.as_deref()))
         .ok_or_else(|| CliError::NotConfigured("no API URL configured".into()))?;
     let api_url = normalise_url(&api_url)?;
-    let api_key = flag_key
-        .map(str::to_owned)
-        .or_else(|| file.api_key.clone())
-        .filter(|key| !key.is_empty());
+    let api_key = given(flag_key).or_else(|| given(file.api_key.as_deref()));
     Ok(Settings { api_url, api_key })
 }
 
@@ -146,6 +149,10 @@ mod tests {
         let settings = resolve(None, Some("emp_flag"), &file).unwrap();
         assert_eq!(settings.api_url, "http://file:1");
         assert_eq!(settings.api_key.as_deref(), Some("emp_flag"));
+        // Empty values (an exported but empty variable) fall through to the file.
+        let settings = resolve(Some(""), Some(" "), &file).unwrap();
+        assert_eq!(settings.api_key.as_deref(), Some("emp_file"));
+        assert_eq!(settings.api_url, "http://file:1");
     }
 
     #[test]

@@ -32,14 +32,14 @@ pub struct Context {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let file = match config::config_path() {
-        Some(path) => config::read_file(&path)?,
-        None => FileConfig::default(),
-    };
     if let Command::Completions { shell } = cli.command {
         crate::completions::print(shell);
         return Ok(());
     }
+    let file = match config::config_path() {
+        Some(path) => config::read_file(&path)?,
+        None => FileConfig::default(),
+    };
     let settings = config::resolve(cli.api_url.as_deref(), cli.api_key.as_deref(), &file)?;
     let context = Context {
         client: ApiClient::new(&settings)?,
