@@ -291,6 +291,58 @@ async fn templates_are_managed_and_submitted_with_parameters(db: PgPool) {
     system.stop().await;
 }
 
+#[sqlx::test(migrations = "../migrations")]
+async fn login_checks_the_key_and_later_commands_use_the_config_file(db: PgPool) {
+    let system = System::start(db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("emp").join("config.toml");
+    let config_var = config.to_str().unwrap().to_owned();
+
+    // A key the API refuses is not stored.
+    let refused = system
+        .emp_with(
+            &["login"],
+            &[
+                ("EMP_CONFIG", &config_var),
+                ("EMP_API_KEY", &format!("emp_{}", "1".repeat(64))),
+            ],
+            None,
+        )
+        .await;
+    refused.expect_code(4);
+    assert!(!config.exists());
+
+    let login = system
+        .emp_with(
+            &["login"],
+            &[
+                ("EMP_CONFIG", &config_var),
+                ("EMP_API_KEY", &system.admin_key),
+            ],
+            None,
+        )
+        .await;
+    login.expect_code(0);
+    assert!(
+        login.stdout.contains("admin@example.com"),
+        "{}",
+        login.stdout
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&config).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // No URL or key in the environment: both come from the file.
+    let env = [("EMP_CONFIG".to_owned(), config_var.clone())];
+    let list = run_emp(&["keys", "list", "--json"], &env, None).await;
+    assert!(list.expect_code(0).json()["items"].is_array());
+
+    system.stop().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_api_and_a_missing_configuration_have_their_codes() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
