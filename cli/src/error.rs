@@ -29,6 +29,8 @@ pub enum ExitStatus {
     Refused = 7,
     /// The API failed (5xx) or could not be reached.
     Unavailable = 8,
+    /// Ctrl-C while waiting for a job (128 + SIGINT, as shells report it); the job goes on.
+    Interrupted = 130,
 }
 
 impl ExitStatus {
@@ -41,15 +43,16 @@ impl ExitStatus {
 /// The exit codes as `emp --help` prints them.
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
-  0  success (under --wait: the job ended COMPLETED)
-  1  local failure (cannot write a file, unreadable config file)
-  2  usage error (bad flag or argument, no API URL or key configured)
-  3  under --wait: the job ended FAILED or CANCELLED
-  4  the API refused the key or the role (401, 403)
-  5  not found (404)
-  6  invalid input (400, 413, 422, or an unusable workflow file)
-  7  other refusal (409 conflict, 429 queue full, other 4xx)
-  8  the API failed (5xx) or cannot be reached";
+    0  success (under --wait: the job ended COMPLETED)
+    1  local failure (cannot write a file, unreadable config file)
+    2  usage error (bad flag or argument, no API URL or key configured)
+    3  under --wait: the job ended FAILED or CANCELLED
+    4  the API refused the key or the role (401, 403)
+    5  not found (404)
+    6  invalid input (400, 413, 422, or an unusable workflow file)
+    7  other refusal (409 conflict, 429 queue full, other 4xx)
+    8  the API failed (5xx) or cannot be reached
+  130  interrupted (Ctrl-C) while waiting; the job goes on";
 
 /// The API's error envelope `{"error": {"code", "message", "details"?}}`.
 #[derive(Debug, Clone)]
@@ -172,6 +175,9 @@ pub enum CliError {
     /// A local failure (file system, config file).
     #[error("{0}")]
     Local(String),
+    /// Ctrl-C while waiting for a job.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl CliError {
@@ -184,6 +190,7 @@ impl CliError {
             Self::InvalidInput(_) => ExitStatus::InvalidInput,
             Self::JobUnsuccessful(_) => ExitStatus::JobUnsuccessful,
             Self::Local(_) => ExitStatus::Failure,
+            Self::Interrupted(_) => ExitStatus::Interrupted,
         }
     }
 

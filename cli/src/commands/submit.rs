@@ -53,7 +53,14 @@ pub fn job_id(job: &Value) -> Result<Uuid, CliError> {
 /// Follows job `id` to its end, downloads its outputs when it completed, prints the outcome
 /// and returns an error (exit 3) when it did not complete.
 pub async fn finish(context: &Context, id: Uuid, download: &DownloadArgs) -> Result<(), CliError> {
-    let job = watch::follow(&context.client, id).await?;
+    let job = tokio::select! {
+        job = watch::follow(&context.client, id) => job?,
+        _ = tokio::signal::ctrl_c() => {
+            return Err(CliError::Interrupted(format!(
+                "stopped waiting; job {id} goes on: follow it with `emp jobs wait {id}`, stop it with `emp jobs cancel {id}`"
+            )));
+        }
+    };
     let status = watch::status_of(&job);
     let completed = status == Some(emp_shared::status::JobStatus::Completed);
     let saved = if completed {
