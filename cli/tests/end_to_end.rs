@@ -369,6 +369,17 @@ async fn an_unreachable_api_and_a_missing_configuration_have_their_codes() {
     let bad_flag = run_emp(&["jobs", "list", "--no-such-flag"], &env, None).await;
     bad_flag.expect_code(2);
 
+    let bad_status = run_emp(&["jobs", "list", "--status", "DONE"], &env, None).await;
+    bad_status.expect_code(2);
+
+    let help = run_emp(&["--help"], &[], None).await;
+    help.expect_code(0);
+    assert!(
+        help.stdout.contains("Exit codes") && help.stdout.contains("130"),
+        "{}",
+        help.stdout
+    );
+
     let completions = run_emp(&["completions", "bash"], &[], None).await;
     completions.expect_code(0);
     assert!(completions.stdout.contains("emp"), "{}", completions.stdout);
