@@ -37,8 +37,13 @@ pub async fn follow(client: &ApiClient, id: Uuid) -> Result<Value, CliError> {
                     .with_max_delay(Duration::from_secs(5))
                     .with_max_times(8),
             )
-            // Refusals (401, 404…) will not change by asking again; broken connections may.
-            .when(|error| matches!(error, CliError::Unreachable { .. } | CliError::Protocol(_)))
+            // Refusals (401, 404…) will not change by asking again; broken connections and
+            // a server between restarts (502–504) may.
+            .when(|error| match error {
+                CliError::Unreachable { .. } | CliError::Protocol(_) => true,
+                CliError::Api(api) => matches!(api.status, 502..=504),
+                _ => false,
+            })
             .notify(|_, wait| bar.set_message(format!("reconnecting in {wait:?}")))
             .await;
         match end {
