@@ -27,14 +27,19 @@ async fn app(db: PgPool) -> TestApp {
     .await
 }
 
-/// A multipart body of `parts`: (name, file name, content type, bytes).
-fn multipart(parts: &[(&str, Option<&str>, Option<&str>, &[u8])]) -> Vec<u8> {
+/// One part of a multipart body: name, file name, content type, bytes.
+type Part<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a [u8]);
+
+/// A multipart body of `parts`.
+fn multipart(parts: &[Part<'_>]) -> Vec<u8> {
     let mut body = Vec::new();
     for (name, filename, content_type, bytes) in parts {
         body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
         let mut disposition = format!("Content-Disposition: form-data; name=\"{name}\"");
         if let Some(filename) = filename {
-            disposition.push_str(&format!("; filename=\"{filename}\""));
+            disposition.push_str("; filename=\"");
+            disposition.push_str(filename);
+            disposition.push('"');
         }
         body.extend_from_slice(disposition.as_bytes());
         body.extend_from_slice(b"\r\n");

@@ -28,7 +28,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::fields::Problems;
-use super::json::{ApiJson, JsonBody};
+use super::json::JsonBody;
 use super::openapi::ErrorBody;
 use super::outputs::{
     Agent, MAX_FILENAME, MAX_OUTPUT_BYTES, OutputKind, UploadedOutput, current_job_of,
@@ -134,9 +134,10 @@ pub async fn begin(
     _agent: Agent,
     State(state): State<AppState>,
     ApiPath(execution_id): ApiPath<Uuid>,
-    ApiJson(body): ApiJson<BeginUpload>,
+    body: JsonBody,
 ) -> Result<Json<UploadPlan>, ApiError> {
     let job_id = current_job_of(&state, execution_id).await?;
+    let body: BeginUpload = body.parse().await?;
     let mut problems = Problems::new();
     for (field, problem) in name_problems(
         Some(&body.node_id),
