@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::artifacts::ArtifactStore;
+
 /// A variable whose value could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{variable}: {problem}")]
@@ -35,6 +37,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// `EMP_ARTIFACT_DIR`: where outputs are stored by default.
     pub artifact_dir: PathBuf,
+    /// `EMP_ARTIFACT_URL` (default: the folder `EMP_ARTIFACT_DIR`) and, for `s3://`, the
+    /// standard AWS variables: where outputs and assets are stored.
+    pub artifacts: ArtifactStore,
+    /// `EMP_MAX_ASSET_BYTES`: the largest input asset accepted (default 2 GiB).
+    pub max_asset_bytes: u64,
     /// `EMP_AGENT_TOKEN`: the token agents upload outputs with; none disables uploads.
     pub agent_token: Option<String>,
     /// `EMP_AUTO_MIGRATE`: run migrations at `serve` start.
@@ -57,6 +64,8 @@ impl std::fmt::Debug for Config {
             .field("db_idle_timeout", &self.db_idle_timeout)
             .field("listen", &self.listen)
             .field("artifact_dir", &self.artifact_dir)
+            .field("artifacts", &self.artifacts)
+            .field("max_asset_bytes", &self.max_asset_bytes)
             .field("agent_token", &self.agent_token.as_ref().map(|_| "<set>"))
             .field("auto_migrate", &self.auto_migrate)
             .field("max_body_bytes", &self.max_body_bytes)
@@ -121,6 +130,10 @@ impl Config {
             })?,
         };
 
+        let artifact_dir =
+            get("EMP_ARTIFACT_DIR").map_or_else(|| ".emp/artifacts".into(), PathBuf::from);
+        let artifacts = ArtifactStore::from_lookup(&get, &artifact_dir)?;
+
         Ok(Self {
             database_url,
             redis_url,
@@ -139,8 +152,14 @@ impl Config {
                 1..=86_400_000,
             )?),
             listen,
-            artifact_dir: get("EMP_ARTIFACT_DIR")
-                .map_or_else(|| ".emp/artifacts".into(), PathBuf::from),
+            artifact_dir,
+            artifacts,
+            max_asset_bytes: parse_number(
+                &get,
+                "EMP_MAX_ASSET_BYTES",
+                2 * 1024 * 1024 * 1024,
+                1..=1 << 40,
+            )?,
             agent_token: get("EMP_AGENT_TOKEN"),
             auto_migrate: parse_bool(&get, "EMP_AUTO_MIGRATE", true)?,
             max_body_bytes: parse_number(&get, "EMP_MAX_BODY_BYTES", 10_485_760, 1..=1 << 34)?,

@@ -5,6 +5,8 @@
 //!
 //! - [`api`]: the REST API under `/api/v1` (users, keys, templates), its extractors (auth,
 //!   JSON bodies, query strings, paths), `/metrics` and `/openapi.json`.
+//! - [`artifacts`]: the artifact store (a local folder or S3 through `object_store`) that
+//!   holds outputs and input assets, with presigned URLs for S3.
 //! - [`config`]: the environment (CONTRACT.md section 3), validated once; bad values name
 //!   their variable.
 //! - [`db`]: the pool, migrations and repositories (users, api_keys, jobs, executions,
@@ -19,6 +21,7 @@
 //! `main.rs` only parses the command line and calls into these.
 
 pub mod api;
+pub mod artifacts;
 pub mod config;
 pub mod db;
 pub mod dispatch;

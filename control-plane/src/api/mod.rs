@@ -17,10 +17,12 @@
 //!
 //! The routes: [`users`], [`api_keys`], [`templates`] (with [`templates::render`], the
 //! placeholder substitution the job routes apply), [`jobs`] (submit, read, cancel, events),
-//! [`outputs`] (the agent's upload, the owner's download), [`machines`], [`stats`],
+//! [`outputs`] (the agent's upload, the owner's download), [`output_uploads`] (direct
+//! uploads through presigned URLs), [`assets`] (input files), [`machines`], [`stats`],
 //! [`metrics`] and [`openapi`].
 
 pub mod api_keys;
+pub mod assets;
 pub mod auth;
 pub mod fields;
 pub mod jobs;
@@ -29,6 +31,7 @@ pub mod list;
 pub mod machines;
 pub mod metrics;
 pub mod openapi;
+pub mod output_uploads;
 pub mod outputs;
 pub mod path;
 pub mod query;
@@ -49,6 +52,8 @@ pub fn routes() -> Router<AppState> {
         .merge(templates::routes())
         .merge(jobs::routes())
         .merge(outputs::routes())
+        .merge(output_uploads::routes())
+        .merge(assets::routes())
         .merge(machines::routes())
         .merge(stats::routes())
         .route("/metrics", get(metrics::render))

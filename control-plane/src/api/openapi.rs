@@ -19,7 +19,9 @@ use utoipa::openapi::{Ref, RefOr};
 use utoipa::{IntoParams, Modify, OpenApi, PartialSchema, ToSchema};
 use uuid::Uuid;
 
-use super::{api_keys, jobs, machines, metrics, outputs, stats, templates, users};
+use super::{
+    api_keys, assets, jobs, machines, metrics, output_uploads, outputs, stats, templates, users,
+};
 use crate::http::health;
 
 /// The document.
@@ -36,6 +38,9 @@ use crate::http::health;
         jobs::submit::submit, jobs::list, jobs::show, jobs::list_of_user, jobs::list_executions,
         jobs::cancel, jobs::delete, jobs::events::events, outputs::download,
         outputs::upload,
+        output_uploads::begin, output_uploads::complete,
+        assets::upload, assets::list, assets::show, assets::content, assets::remove,
+        assets::agent_show, assets::agent_content,
         machines::list, machines::show, machines::drain, machines::undrain,
         stats::stats, metrics::render, openapi_json, health::health, health::ready,
     ),
@@ -49,6 +54,7 @@ use crate::http::health;
         (name = "api-keys", description = "API keys."),
         (name = "templates", description = "Workflow templates with placeholders."),
         (name = "jobs", description = "Jobs: submit, read, cancel, follow, and their outputs."),
+        (name = "assets", description = "Input files, named in workflows as `asset://<id>`."),
         (name = "machines", description = "The GPU boxes (admins)."),
         (name = "agent", description = "Called by emp-agent with the agent token, not by users."),
         (name = "operations", description = "Stats, metrics and this document."),

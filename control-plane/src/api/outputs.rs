@@ -9,28 +9,26 @@
 //!   reporting `complete`.
 //! - `GET /api/v1/jobs/{id}/outputs/{output_id}`: the bytes, to the job's owner or an admin.
 //!
-//! Files live at `<EMP_ARTIFACT_DIR>/<job_id>/<execution_id>/<node>_<file name>`; the node id
-//! and the file name are reduced to `[A-Za-z0-9._-]` (no separators, no leading dot), so no
-//! name can leave that folder. A file is written under a temporary name and renamed when
-//! complete, so a download never sees half a file.
+//! Files live in the artifact store ([`crate::artifacts`]) at
+//! `<job_id>/<execution_id>/<node>_<file name>`; the node id and the file name are reduced to
+//! `[A-Za-z0-9._-]` (no separators, no leading dot), so no name can leave that folder. A file
+//! is streamed under `uploads/<uuid>` and moved into place when complete and still fenced, so
+//! a download never sees half a file. With an S3 store, agents may instead upload straight
+//! into the bucket ([`super::output_uploads`]), and downloads redirect to a presigned URL.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{FromRequestParts, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::routing::{get, post};
 use emp_shared::status::{ExecutionStatus, JobStatus};
-use futures::StreamExt as _;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt as _;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -40,6 +38,8 @@ use super::jobs::view::output_url;
 use super::openapi::ErrorBody;
 use super::path::ApiPath;
 use super::query::QueryParams;
+use crate::artifacts::StoreError;
+use crate::artifacts::serve::FileInfo;
 use crate::db::outputs::{self, NewOutput, Output};
 use crate::db::{DbError, executions, jobs};
 use crate::http::AppState;
@@ -51,13 +51,12 @@ pub const MAX_OUTPUT_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 /// Longest node id.
 const MAX_NODE_ID: usize = 255;
 /// Longest stored file name (the database allows 255; room for the node prefix on disk).
-const MAX_FILENAME: usize = 200;
+pub(crate) const MAX_FILENAME: usize = 200;
 /// How long an upload waits for the persister to record the execution in Postgres (it
 /// normally has, long before a run produces files).
 const EXECUTION_ROW_WAIT: Duration = Duration::from_secs(5);
-/// The folder of partial uploads, inside the artifact directory (same file system, so the
-/// final rename is atomic).
-const PARTIAL_DIR: &str = ".partial";
+/// The key folder of streamed uploads in progress.
+const PARTIAL_DIR: &str = "uploads";
 
 /// The routes of this module.
 pub fn routes() -> Router<AppState> {
@@ -86,8 +85,10 @@ pub struct UploadedOutput {
     pub content_type: String,
     /// Bytes received.
     pub size: i64,
-    /// Lowercase hex SHA-256 of the bytes received.
-    pub sha256: String,
+    /// Lowercase hex SHA-256 of the bytes received; `null` only for a direct (presigned)
+    /// upload whose completion did not report it.
+    #[schema(required)]
+    pub sha256: Option<String>,
     /// Where the owner downloads it.
     pub url: String,
 }
@@ -103,7 +104,7 @@ impl From<Output> for UploadedOutput {
             filename: output.filename,
             content_type: output.content_type,
             size: output.size,
-            sha256: output.sha256.unwrap_or_default(),
+            sha256: output.sha256,
         }
     }
 }
@@ -189,7 +190,7 @@ pub fn safe_name(name: &str, max: usize, fallback: &str) -> String {
 
 /// Whether `value` looks like a media type: `type/subtype` with optional parameters, visible
 /// ASCII, at most 255 characters.
-fn is_media_type(value: &str) -> bool {
+pub(crate) fn is_media_type(value: &str) -> bool {
     let essence = value.split(';').next().unwrap_or("").trim();
     value.len() <= 255
         && value.bytes().all(|b| (0x20..=0x7e).contains(&b))
@@ -199,7 +200,7 @@ fn is_media_type(value: &str) -> bool {
 }
 
 /// The media type of a file name's extension, for uploads that give none.
-fn guess_media_type(filename: &str) -> &'static str {
+pub(crate) fn guess_media_type(filename: &str) -> &'static str {
     let extension = filename
         .rsplit_once('.')
         .map(|(_, ext)| ext.to_ascii_lowercase());
@@ -222,7 +223,7 @@ fn guess_media_type(filename: &str) -> &'static str {
 ///
 /// Redis is asked first (it knows a claim before the persister records it); Postgres answers
 /// when Redis has forgotten the execution.
-async fn current_job_of(state: &AppState, execution_id: Uuid) -> Result<Uuid, ApiError> {
+pub(crate) async fn current_job_of(state: &AppState, execution_id: Uuid) -> Result<Uuid, ApiError> {
     let dispatch = state.dispatcher.dispatch();
     let mut redis = state.redis.get().map_err(|_| ApiError::unavailable())?;
     let redis_error = |error: &dyn std::fmt::Display| {
@@ -278,6 +279,37 @@ struct UploadParams {
     content_type: String,
 }
 
+/// The problems of an upload's names, as (field, problem): `node_id` and `filename` are
+/// required, `content_type` is optional.
+pub(crate) fn name_problems(
+    node_id: Option<&str>,
+    filename: Option<&str>,
+    content_type: Option<&str>,
+) -> Vec<(&'static str, &'static str)> {
+    let mut problems = Vec::new();
+    match node_id {
+        None => problems.push(("node_id", "is required")),
+        Some(id) if id.is_empty() || id.chars().count() > MAX_NODE_ID => {
+            problems.push(("node_id", "must be 1 to 255 characters long"));
+        }
+        Some(id) if id.chars().any(char::is_control) => {
+            problems.push(("node_id", "must not hold control characters"));
+        }
+        Some(_) => {}
+    }
+    match filename {
+        None => problems.push(("filename", "is required")),
+        Some(name) if name.trim().is_empty() || name.chars().count() > 1024 => {
+            problems.push(("filename", "must be 1 to 1024 characters long"));
+        }
+        Some(_) => {}
+    }
+    if content_type.is_some_and(|value| !is_media_type(value)) {
+        problems.push(("content_type", "must be a media type such as image/png"));
+    }
+    problems
+}
+
 fn upload_params(query: &str, headers: &HeaderMap) -> Result<UploadParams, ApiError> {
     let mut query = QueryParams::decode(query)?;
     let node_id = query.take("node_id");
@@ -291,34 +323,18 @@ fn upload_params(query: &str, headers: &HeaderMap) -> Result<UploadParams, ApiEr
     {
         query.reject("kind", "must be output or temp");
     }
-    match &node_id {
-        None => query.reject("node_id", "is required"),
-        Some(id) if id.is_empty() || id.chars().count() > MAX_NODE_ID => {
-            query.reject("node_id", "must be 1 to 255 characters long");
-        }
-        Some(id) if id.chars().any(char::is_control) => {
-            query.reject("node_id", "must not hold control characters");
-        }
-        Some(_) => {}
-    }
-    match &filename {
-        None => query.reject("filename", "is required"),
-        Some(name) if name.trim().is_empty() || name.chars().count() > 1024 => {
-            query.reject("filename", "must be 1 to 1024 characters long");
-        }
-        Some(_) => {}
+    for (field, problem) in name_problems(
+        node_id.as_deref(),
+        filename.as_deref(),
+        content_type.as_deref(),
+    ) {
+        query.reject(field, problem);
     }
     let header_type = headers
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .filter(|value| is_media_type(value))
         .map(str::to_owned);
-    if content_type
-        .as_deref()
-        .is_some_and(|value| !is_media_type(value))
-    {
-        query.reject("content_type", "must be a media type such as image/png");
-    }
     query.finish()?;
     let (Some(node_id), Some(filename)) = (node_id, filename) else {
         unreachable!("missing parameters were refused")
@@ -375,48 +391,57 @@ pub async fn upload(
     if declared.is_some_and(|length| length > MAX_OUTPUT_BYTES) {
         return Err(too_large());
     }
-    let root = state.config.artifact_dir.clone();
-    let storage_key = format!(
-        "{job_id}/{execution_id}/{}_{}",
-        safe_name(&params.node_id, 64, "node"),
-        params.filename
-    );
-    let partial = root.join(PARTIAL_DIR).join(Uuid::now_v7().to_string());
-    let received = receive(&partial, body).await;
-    let (size, sha256) = match received {
-        Ok(done) => done,
-        Err(error) => {
-            remove_quietly(&partial).await;
-            return Err(error);
-        }
+    let store = &state.config.artifacts;
+    let storage_key = output_key(job_id, execution_id, &params.node_id, &params.filename);
+    // Received under a key of its own and moved into place once complete and still fenced,
+    // so neither a broken upload nor a refused late one touches a recorded file.
+    let partial = format!("{PARTIAL_DIR}/{}", Uuid::now_v7());
+    let received = store
+        .write_stream(
+            &partial,
+            &params.content_type,
+            body.into_data_stream(),
+            MAX_OUTPUT_BYTES,
+        )
+        .await
+        .map_err(|error| match error {
+            StoreError::TooLarge { .. } => too_large(),
+            other => other.into(),
+        })?;
+    let new = NewOutput {
+        id: Uuid::now_v7(),
+        job_id,
+        execution_id,
+        node_id: params.node_id,
+        filename: params.filename,
+        content_type: params.content_type,
+        size: i64::try_from(received.size).unwrap_or(i64::MAX),
+        sha256: Some(received.sha256),
+        storage_key: storage_key.clone(),
     };
-    let stored = store(
-        &state,
-        &root,
-        &partial,
-        &storage_key,
-        NewOutput {
-            id: Uuid::now_v7(),
-            job_id,
-            execution_id,
-            node_id: params.node_id,
-            filename: params.filename,
-            content_type: params.content_type,
-            size: i64::try_from(size).unwrap_or(i64::MAX),
-            sha256,
-            storage_key: storage_key.clone(),
-        },
-    )
-    .await;
+    let stored = store_received(&state, &partial, new).await;
     if stored.is_err() {
-        remove_quietly(&partial).await;
+        store.delete_quietly(&partial).await;
     }
     let output = stored?;
-    tracing::info!(%job_id, %execution_id, output_id = %output.id, size, "output stored");
+    tracing::info!(%job_id, %execution_id, output_id = %output.id, size = received.size, "output stored");
     Ok((StatusCode::CREATED, Json(output.into())))
 }
 
-fn too_large() -> ApiError {
+/// The key of an output: `<job_id>/<execution_id>/<node>_<file name>`.
+pub(crate) fn output_key(
+    job_id: Uuid,
+    execution_id: Uuid,
+    node_id: &str,
+    filename: &str,
+) -> String {
+    format!(
+        "{job_id}/{execution_id}/{}_{filename}",
+        safe_name(node_id, 64, "node")
+    )
+}
+
+pub(crate) fn too_large() -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "payload_too_large",
@@ -424,67 +449,29 @@ fn too_large() -> ApiError {
     )
 }
 
-fn storage_error(error: &std::io::Error) -> ApiError {
-    ApiError::internal(error)
-}
-
-/// Streams `body` into the file `partial`, returning its size and SHA-256 (hex).
-async fn receive(partial: &Path, body: Body) -> Result<(u64, String), ApiError> {
-    if let Some(parent) = partial.parent() {
-        tokio::fs::create_dir_all(parent)
-            .await
-            .map_err(|error| storage_error(&error))?;
-    }
-    let mut file = tokio::fs::File::create(partial)
-        .await
-        .map_err(|error| storage_error(&error))?;
-    let mut hasher = Sha256::new();
-    let mut size = 0_u64;
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| ApiError::bad_request("The upload was interrupted."))?;
-        size += chunk.len() as u64;
-        if size > MAX_OUTPUT_BYTES {
-            return Err(too_large());
-        }
-        hasher.update(&chunk);
-        file.write_all(&chunk)
-            .await
-            .map_err(|error| storage_error(&error))?;
-    }
-    file.flush().await.map_err(|error| storage_error(&error))?;
-    file.sync_all()
-        .await
-        .map_err(|error| storage_error(&error))?;
-    Ok((size, hex::encode(hasher.finalize())))
-}
-
 /// Moves a received file to its place and records it, once Postgres knows the execution.
-async fn store(
+async fn store_received(
     state: &AppState,
-    root: &Path,
-    partial: &Path,
-    storage_key: &str,
+    partial: &str,
     new: NewOutput,
 ) -> Result<Output, ApiError> {
     // The fence again: the run may have ended while its bytes were arriving.
     current_job_of(state, new.execution_id).await?;
     wait_for_execution_row(state, new.execution_id).await?;
-    let target = root.join(storage_key);
-    if let Some(parent) = target.parent() {
-        tokio::fs::create_dir_all(parent)
-            .await
-            .map_err(|error| storage_error(&error))?;
-    }
-    tokio::fs::rename(partial, &target)
-        .await
-        .map_err(|error| storage_error(&error))?;
+    state
+        .config
+        .artifacts
+        .rename(partial, &new.storage_key)
+        .await?;
     Ok(outputs::record(&state.db, &new).await?)
 }
 
 /// Waits (briefly) until the persister has written the execution's row, which the output's
 /// foreign key needs.
-async fn wait_for_execution_row(state: &AppState, execution_id: Uuid) -> Result<(), ApiError> {
+pub(crate) async fn wait_for_execution_row(
+    state: &AppState,
+    execution_id: Uuid,
+) -> Result<(), ApiError> {
     let deadline = tokio::time::Instant::now() + EXECUTION_ROW_WAIT;
     loop {
         match executions::find_by_id(&state.db, execution_id).await {
@@ -506,24 +493,6 @@ async fn wait_for_execution_row(state: &AppState, execution_id: Uuid) -> Result<
     }
 }
 
-async fn remove_quietly(path: &Path) {
-    if let Err(error) = tokio::fs::remove_file(path).await {
-        if error.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(path = %path.display(), %error, "cannot remove a partial upload");
-        }
-    }
-}
-
-/// Where an output's bytes are on disk. Keys are written by [`upload`] only, but check anyway
-/// that one cannot point outside the store.
-fn artifact_path(root: &Path, storage_key: &str) -> Option<PathBuf> {
-    let relative = Path::new(storage_key);
-    relative
-        .components()
-        .all(|part| matches!(part, std::path::Component::Normal(_)))
-        .then(|| root.join(relative))
-}
-
 /// The bytes of one output of a job (its owner or an admin).
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/outputs/{output_id}", operation_id = "download_output", tag = "jobs",
     security(("bearer" = [])),
@@ -532,9 +501,11 @@ fn artifact_path(root: &Path, storage_key: &str) -> Option<PathBuf> {
         ("output_id" = Uuid, Path, description = "The output's id."),
     ),
     responses(
-        (status = 200, description = "The file's bytes, with the media type it was uploaded with (`image/png`…; `application/octet-stream` when unknown).", content_type = "*/*", body = super::openapi::Bytes),
+        (status = 200, description = "The file's bytes (local artifact store), with the media type it was uploaded with (`image/png`…; `application/octet-stream` when unknown).", content_type = "*/*", body = super::openapi::Bytes),
+        (status = 307, description = "S3 artifact store: a redirect (`Location`) to a presigned URL of the file, valid 5 minutes."),
         (status = 401, description = "No, unknown or revoked key.", body = ErrorBody),
         (status = 404, description = "No such job among the caller's, or no such output of it.", body = ErrorBody),
+        (status = 503, description = "The artifact store is unreachable; with `Retry-After`.", body = ErrorBody),
     ))]
 pub async fn download(
     auth: Auth,
@@ -543,50 +514,23 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let job = find_visible(&state, &auth, job_id).await?;
     let output = outputs::find(&state.db, job.id, output_id).await?;
-    let path = artifact_path(&state.config.artifact_dir, &output.storage_key)
-        .ok_or_else(ApiError::not_found)?;
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            tracing::warn!(%job_id, %output_id, "output recorded but its file is missing");
-            return Err(ApiError::not_found());
-        }
-        Err(error) => return Err(storage_error(&error)),
+    let file = FileInfo {
+        filename: &output.filename,
+        content_type: &output.content_type,
     };
-    let length = file
-        .metadata()
+    match state
+        .config
+        .artifacts
+        .download(&output.storage_key, file)
         .await
-        .map_err(|error| storage_error(&error))?
-        .len();
-    let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
-    let headers = response.headers_mut();
-    let content_type = HeaderValue::from_str(&output.content_type)
-        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
-    // The media type comes from an agent, which is not trusted: never let a browser run what
-    // it serves on the API's origin.
-    let inline = ["image/", "video/", "audio/"]
-        .iter()
-        .any(|prefix| output.content_type.starts_with(prefix))
-        && !output.content_type.starts_with("image/svg");
-    let disposition = format!(
-        "{}; filename=\"{}\"",
-        if inline { "inline" } else { "attachment" },
-        output.filename
-    );
-    headers.insert(CONTENT_TYPE, content_type);
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
-    if let Ok(value) = HeaderValue::from_str(&disposition) {
-        headers.insert(CONTENT_DISPOSITION, value);
+    {
+        Ok(response) => Ok(response),
+        Err(StoreError::NotFound) => {
+            tracing::warn!(%job_id, %output_id, "output recorded but its file is missing");
+            Err(ApiError::not_found())
+        }
+        Err(error) => Err(error.into()),
     }
-    headers.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    headers.insert(
-        "content-security-policy",
-        HeaderValue::from_static("sandbox; default-src 'none'"),
-    );
-    Ok(response)
 }
 
 #[cfg(test)]
@@ -607,9 +551,6 @@ mod tests {
         );
         assert_eq!(safe_name("12:3", 64, "node"), "12_3");
         assert_eq!(safe_name(&"x".repeat(300), 200, "output").len(), 200);
-        assert!(artifact_path(Path::new("/a"), "j/e/9_x.png").is_some());
-        assert!(artifact_path(Path::new("/a"), "../x").is_none());
-        assert!(artifact_path(Path::new("/a"), "/etc/passwd").is_none());
     }
 
     #[test]

@@ -5,12 +5,14 @@
 //! compile time against the schema in `migrations/` (offline data in `.sqlx/`).
 
 pub mod api_keys;
+pub mod assets;
 pub mod cursor;
 pub mod error;
 pub mod executions;
 pub mod idempotency;
 pub mod jobs;
 pub mod machines;
+pub mod output_uploads;
 pub mod outputs;
 pub mod system_config;
 pub mod templates;

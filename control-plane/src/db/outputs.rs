@@ -49,8 +49,8 @@ pub struct NewOutput {
     pub content_type: String,
     /// Bytes.
     pub size: i64,
-    /// Lowercase hex SHA-256.
-    pub sha256: String,
+    /// Lowercase hex SHA-256 (`None` when an agent's direct upload did not report it).
+    pub sha256: Option<String>,
     /// Relative path in the artifact store.
     pub storage_key: String,
 }

@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use super::dispatch_error;
 use super::view::{self, JobView};
+use crate::api::assets::check_references as check_asset_references;
 use crate::api::auth::Auth;
 use crate::api::fields::Problems;
 use crate::api::json::{JsonBody, from_object};
@@ -309,6 +310,14 @@ async fn check(state: &AppState, auth: &Auth, body: SubmitJob) -> Result<NewJob,
         }
         _ => None,
     };
+
+    if let Some(source) = &source {
+        let graph = match source {
+            WorkflowSource::Custom(graph) => graph,
+            WorkflowSource::Template { rendered, .. } => rendered,
+        };
+        problems.extend(check_asset_references(state, auth.user_id(), graph, "workflow").await?);
+    }
 
     if let Some(url) = &body.webhook_url {
         check_webhook_url(&mut problems, url);
