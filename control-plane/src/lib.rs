@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dashboard;
 pub mod db;
 pub mod dispatch;
 pub mod http;

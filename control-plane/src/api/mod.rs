@@ -22,6 +22,7 @@
 
 pub mod api_keys;
 pub mod auth;
+pub mod dashboard;
 pub mod fields;
 pub mod jobs;
 pub mod json;
@@ -51,6 +52,7 @@ pub fn routes() -> Router<AppState> {
         .merge(outputs::routes())
         .merge(machines::routes())
         .merge(stats::routes())
+        .merge(dashboard::routes())
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::openapi_json))
 }

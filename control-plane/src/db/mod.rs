@@ -6,6 +6,7 @@
 
 pub mod api_keys;
 pub mod cursor;
+pub mod dashboard;
 pub mod error;
 pub mod executions;
 pub mod idempotency;
