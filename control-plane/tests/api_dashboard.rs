@@ -18,8 +18,16 @@ async fn the_page_and_its_assets_are_served_with_a_strict_policy(db: PgPool) {
     let app = spawn_app(db).await;
     for (path, content_type, needle) in [
         ("/", "text/html; charset=utf-8", "/dashboard/dashboard.js"),
-        ("/dashboard/dashboard.js", "text/javascript; charset=utf-8", "/api/v1/stats/queues"),
-        ("/dashboard/dashboard.css", "text/css; charset=utf-8", ".badge"),
+        (
+            "/dashboard/dashboard.js",
+            "text/javascript; charset=utf-8",
+            "/api/v1/stats/queues",
+        ),
+        (
+            "/dashboard/dashboard.css",
+            "text/css; charset=utf-8",
+            ".badge",
+        ),
         ("/dashboard/icon.svg", "image/svg+xml", "<svg"),
     ] {
         let answer = send(app.request(Method::GET, path, None)).await;
@@ -52,7 +60,10 @@ async fn the_page_and_its_assets_are_served_with_a_strict_policy(db: PgPool) {
     // No inline script in the page: everything comes from the module.
     let page = send(app.request(Method::GET, "/", None)).await;
     assert_eq!(page.text.matches("<script").count(), 1);
-    assert!(page.text.contains(r#"<script type="module" src="/dashboard/dashboard.js"></script>"#));
+    assert!(
+        page.text
+            .contains(r#"<script type="module" src="/dashboard/dashboard.js"></script>"#)
+    );
     send(app.request(Method::GET, "/dashboard/missing.js", None))
         .await
         .assert_error(404, "not_found");
@@ -73,20 +84,31 @@ async fn queues_show_depth_per_class_and_priority_and_the_oldest_wait(db: PgPool
     app.submit(&alice.key, &json!({"workflow": graph("B"), "priority": 50}))
         .await
         .ok(201);
-    sqlx::query("UPDATE job_requests SET created_at = created_at - interval '90 seconds' WHERE id = $1")
-        .bind(uuid::Uuid::parse_str(old["id"].as_str().unwrap()).unwrap())
-        .execute(&app.db)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE job_requests SET created_at = created_at - interval '90 seconds' WHERE id = $1",
+    )
+    .bind(uuid::Uuid::parse_str(old["id"].as_str().unwrap()).unwrap())
+    .execute(&app.db)
+    .await
+    .unwrap();
 
     let answer = app.get("/api/v1/stats/queues", &app.admin.key).await;
     let queues = answer.ok(200);
     assert_eq!(queues["total"], 3);
-    assert!(queues["oldest_wait_s"].as_f64().unwrap() >= 90.0, "{queues}");
+    assert!(
+        queues["oldest_wait_s"].as_f64().unwrap() >= 90.0,
+        "{queues}"
+    );
     let priorities = queues["priorities"].as_array().unwrap();
     assert_eq!(priorities.len(), 2);
-    assert_eq!((&priorities[0]["priority"], &priorities[0]["depth"]), (&json!(50), &json!(1)));
-    assert_eq!((&priorities[1]["priority"], &priorities[1]["depth"]), (&json!(10), &json!(2)));
+    assert_eq!(
+        (&priorities[0]["priority"], &priorities[0]["depth"]),
+        (&json!(50), &json!(1))
+    );
+    assert_eq!(
+        (&priorities[1]["priority"], &priorities[1]["depth"]),
+        (&json!(10), &json!(2))
+    );
     assert!(priorities[1]["oldest_wait_s"].as_f64().unwrap() >= 90.0);
     assert!(priorities[0]["oldest_wait_s"].as_f64().unwrap() < 90.0);
 
@@ -129,8 +151,16 @@ async fn timeseries_count_ended_jobs_per_minute_with_latency_percentiles(db: PgP
     assert_eq!(series["minutes"], 60);
     let points = series["points"].as_array().unwrap();
     assert_eq!(points.len(), 60);
-    let sum = |field: &str| points.iter().map(|p| p[field].as_i64().unwrap()).sum::<i64>();
-    assert_eq!((sum("completed"), sum("failed"), sum("cancelled")), (2, 1, 0));
+    let sum = |field: &str| {
+        points
+            .iter()
+            .map(|p| p[field].as_i64().unwrap())
+            .sum::<i64>()
+    };
+    assert_eq!(
+        (sum("completed"), sum("failed"), sum("cancelled")),
+        (2, 1, 0)
+    );
     let busy: Vec<&Value> = points.iter().filter(|p| p["completed"] != 0).collect();
     assert_eq!(busy.len(), 1);
     let wait_p50 = busy[0]["wait_p50_s"].as_f64().unwrap();
@@ -139,14 +169,22 @@ async fn timeseries_count_ended_jobs_per_minute_with_latency_percentiles(db: PgP
     assert!((run_p50 - 10.0).abs() < 0.5, "{run_p50}");
     assert!(busy[0]["wait_p95_s"].as_f64().unwrap() > wait_p50);
     // Minutes are consecutive and the empty ones are zeros.
-    let quiet = points.iter().find(|p| p["completed"] == 0 && p["failed"] == 0).unwrap();
+    let quiet = points
+        .iter()
+        .find(|p| p["completed"] == 0 && p["failed"] == 0)
+        .unwrap();
     assert_eq!(quiet["run_p50_s"], Value::Null);
 
-    let short = app.get("/api/v1/stats/timeseries?minutes=5", &app.admin.key).await;
+    let short = app
+        .get("/api/v1/stats/timeseries?minutes=5", &app.admin.key)
+        .await;
     assert_eq!(short.ok(200)["points"].as_array().unwrap().len(), 5);
     for bad in ["0", "1441", "abc", "-3", "1.5"] {
         let fields = app
-            .get(&format!("/api/v1/stats/timeseries?minutes={bad}"), &app.admin.key)
+            .get(
+                &format!("/api/v1/stats/timeseries?minutes={bad}"),
+                &app.admin.key,
+            )
             .await
             .assert_error(422, "validation_failed");
         assert_eq!(fields, ["minutes"]);
@@ -170,19 +208,31 @@ async fn newest_jobs_list_every_users_jobs(db: PgPool) {
 
     let all = app.get("/api/v1/stats/jobs", &app.admin.key).await;
     let all = all.ok(200);
-    let ids: Vec<&Value> = all["items"].as_array().unwrap().iter().map(|j| &j["id"]).collect();
+    let ids: Vec<&Value> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| &j["id"])
+        .collect();
     assert_eq!(ids, [&second["id"], &first["id"]]);
     assert_eq!(all["next_cursor"], Value::Null);
     assert_eq!(all["items"][0]["user_id"], json!(bob.id));
 
-    let queued = app.get("/api/v1/stats/jobs?status=QUEUED", &app.admin.key).await;
+    let queued = app
+        .get("/api/v1/stats/jobs?status=QUEUED", &app.admin.key)
+        .await;
     let queued = queued.ok(200)["items"].as_array().unwrap().clone();
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0]["id"], second["id"]);
     let one = app.get("/api/v1/stats/jobs?limit=1", &app.admin.key).await;
     assert_eq!(one.ok(200)["items"].as_array().unwrap().len(), 1);
 
-    for (query, field) in [("limit=0", "limit"), ("limit=201", "limit"), ("status=queued", "status"), ("cursor=x", "cursor")] {
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=201", "limit"),
+        ("status=queued", "status"),
+        ("cursor=x", "cursor"),
+    ] {
         let fields = app
             .get(&format!("/api/v1/stats/jobs?{query}"), &app.admin.key)
             .await
@@ -195,20 +245,38 @@ async fn newest_jobs_list_every_users_jobs(db: PgPool) {
 async fn the_dashboard_reads_are_for_admins_and_documented(db: PgPool) {
     let app = spawn_app(db).await;
     let alice = app.user("alice@example.com").await;
-    for path in ["/api/v1/stats/queues", "/api/v1/stats/timeseries", "/api/v1/stats/jobs"] {
-        app.get(path, &alice.key).await.assert_error(403, "forbidden");
+    for path in [
+        "/api/v1/stats/queues",
+        "/api/v1/stats/timeseries",
+        "/api/v1/stats/jobs",
+    ] {
+        app.get(path, &alice.key)
+            .await
+            .assert_error(403, "forbidden");
         send(app.request(Method::GET, path, None))
             .await
             .assert_error(401, "unauthorized");
     }
     let document = send(app.request(Method::GET, "/openapi.json", None)).await;
     let paths = &document.body["paths"];
-    for path in ["/api/v1/stats/queues", "/api/v1/stats/timeseries", "/api/v1/stats/jobs"] {
+    for path in [
+        "/api/v1/stats/queues",
+        "/api/v1/stats/timeseries",
+        "/api/v1/stats/jobs",
+    ] {
         let responses = &paths[path]["get"]["responses"];
         for status in ["200", "401", "403"] {
             assert!(responses.get(status).is_some(), "{path} {status}");
         }
     }
-    assert!(document.body["components"]["schemas"].get("Queues").is_some());
-    assert!(document.body["components"]["schemas"].get("Timeseries").is_some());
+    assert!(
+        document.body["components"]["schemas"]
+            .get("Queues")
+            .is_some()
+    );
+    assert!(
+        document.body["components"]["schemas"]
+            .get("Timeseries")
+            .is_some()
+    );
 }

@@ -55,7 +55,9 @@ async fn a_submitted_job_reaches_completed_on_the_dashboard(db: PgPool) {
     let refusal = page
         .wait()
         .at_most(ON_SCREEN)
-        .for_element(Locator::XPath("//p[@id='key-error' and contains(., 'refused')]"))
+        .for_element(Locator::XPath(
+            "//p[@id='key-error' and contains(., 'refused')]",
+        ))
         .await
         .unwrap();
     assert!(refusal.text().await.unwrap().contains("401"));
@@ -82,6 +84,16 @@ async fn a_submitted_job_reaches_completed_on_the_dashboard(db: PgPool) {
         .unwrap();
     let row = machine.text().await.unwrap();
     assert!(row.contains("RTX 4090"), "{row}");
+    assert!(
+        !page
+            .find(Locator::Css("#login"))
+            .await
+            .unwrap()
+            .is_displayed()
+            .await
+            .unwrap(),
+        "the key form is gone once connected"
+    );
     assert!(row.contains("salad"), "{row}");
 
     // A job submitted through the API appears, then reaches COMPLETED, without a reload.
@@ -122,7 +134,9 @@ async fn a_submitted_job_reaches_completed_on_the_dashboard(db: PgPool) {
     assert!(std::fs::metadata(&shot).unwrap().len() > 1000);
     eprintln!("screenshot: {}", shot.display());
     if dashboard_support::update_screenshot() {
-        browser.screenshot(&dashboard_support::readme_screenshot()).await;
+        browser
+            .screenshot(&dashboard_support::readme_screenshot())
+            .await;
     }
     // Keep the screenshot when asked, for a look.
     if std::env::var_os("EMP_KEEP_SCREENSHOT").is_some() {
@@ -140,9 +154,27 @@ async fn a_submitted_job_reaches_completed_on_the_dashboard(db: PgPool) {
 async fn readme_screenshot(db: PgPool) {
     let mut system = System::start(db).await;
     let boxes = [
-        ("salad-7f3a21", "salad", "us-east", vec![("NVIDIA GeForce RTX 4090", 24_564)]),
-        ("salad-b81c0e", "salad", "eu-west", vec![("NVIDIA GeForce RTX 3090", 24_576)]),
-        ("vast-2210931", "vastai", "us-west", vec![("NVIDIA A100-SXM4-80GB", 81_920), ("NVIDIA A100-SXM4-80GB", 81_920)]),
+        (
+            "salad-7f3a21",
+            "salad",
+            "us-east",
+            vec![("NVIDIA GeForce RTX 4090", 24_564)],
+        ),
+        (
+            "salad-b81c0e",
+            "salad",
+            "eu-west",
+            vec![("NVIDIA GeForce RTX 3090", 24_576)],
+        ),
+        (
+            "vast-2210931",
+            "vastai",
+            "us-west",
+            vec![
+                ("NVIDIA A100-SXM4-80GB", 81_920),
+                ("NVIDIA A100-SXM4-80GB", 81_920),
+            ],
+        ),
         ("lab-gpu-04", "local", "home", vec![("NVIDIA L4", 23_034)]),
     ];
     for (external_id, provider, region, gpus) in boxes {
@@ -187,6 +219,24 @@ async fn readme_screenshot(db: PgPool) {
         system.submit(needs_model, 10).await;
     }
 
+    // An hour of history for the charts: ended jobs spread over the last 55 minutes.
+    sqlx::query(
+        "INSERT INTO job_requests (user_id, custom_workflow, status, attempts, created_at, started_at, completed_at, failed_at)
+         SELECT u.id, '{\"1\": {\"class_type\": \"EmpSimSleep\", \"inputs\": {}}}'::jsonb,
+                CASE WHEN t.fail THEN 'FAILED'::job_status ELSE 'COMPLETED'::job_status END, 1,
+                t.ended - t.run - t.wait, t.ended - t.run,
+                CASE WHEN t.fail THEN NULL ELSE t.ended END, CASE WHEN t.fail THEN t.ended END
+         FROM (SELECT now() - make_interval(secs => 120 + random() * 3180) AS ended,
+                      make_interval(secs => 2 + random() * random() * 20) AS run,
+                      make_interval(secs => random() * random() * 8) AS wait,
+                      random() < 0.05 AS fail
+               FROM generate_series(1, 900)) t,
+              (SELECT id FROM users WHERE role = 'admin' LIMIT 1) u",
+    )
+    .execute(&system.db)
+    .await
+    .unwrap();
+
     let browser = Browser::start().await;
     let page = &browser.client;
     page.goto(&system.base).await.unwrap();
@@ -208,11 +258,8 @@ async fn readme_screenshot(db: PgPool) {
         .for_element(Locator::Css("#jobs tr[data-status='PROCESSING']"))
         .await
         .unwrap();
-    let first = format!("#jobs tr[data-job-id='{}']", done[0]);
-    page.find(Locator::Css(&first)).await.unwrap().click().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    page.set_window_size(1400, 2000).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    page.set_window_size(1400, 1700).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let target = if dashboard_support::update_screenshot() {
         dashboard_support::readme_screenshot()
     } else {

@@ -47,18 +47,27 @@ impl Asset {
     }
 }
 
-static INDEX: Asset = Asset::new("text/html; charset=utf-8", include_bytes!("assets/index.html"));
+static INDEX: Asset = Asset::new(
+    "text/html; charset=utf-8",
+    include_bytes!("assets/index.html"),
+);
 static SCRIPT: Asset = Asset::new(
     "text/javascript; charset=utf-8",
     include_bytes!("assets/dashboard.js"),
 );
-static STYLE: Asset = Asset::new("text/css; charset=utf-8", include_bytes!("assets/dashboard.css"));
+static STYLE: Asset = Asset::new(
+    "text/css; charset=utf-8",
+    include_bytes!("assets/dashboard.css"),
+);
 static ICON: Asset = Asset::new("image/svg+xml", include_bytes!("assets/icon.svg"));
 
 /// The routes of the dashboard.
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/", get(|headers: HeaderMap| async move { serve(&INDEX, &headers) }))
+        .route(
+            "/",
+            get(|headers: HeaderMap| async move { serve(&INDEX, &headers) }),
+        )
         .route(
             "/dashboard/dashboard.js",
             get(|headers: HeaderMap| async move { serve(&SCRIPT, &headers) }),

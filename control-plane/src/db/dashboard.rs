@@ -105,7 +105,10 @@ pub async fn created_at_of(
     )
     .fetch_all(db)
     .await?;
-    Ok(rows.into_iter().map(|row| (row.id, row.created_at)).collect())
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.id, row.created_at))
+        .collect())
 }
 
 /// The jobs that ended in one minute.

@@ -119,7 +119,11 @@ impl System {
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let state = AppState::new(db.clone(), RedisHandle::from_connection(redis.clone()), config);
+        let state = AppState::new(
+            db.clone(),
+            RedisHandle::from_connection(redis.clone()),
+            config,
+        );
         let shutdown = CancellationToken::new();
         let duties = TaskTracker::new();
         dispatch::start_duties(
@@ -139,9 +143,10 @@ impl System {
             shutdown.clone(),
             Duration::from_secs(1),
         ));
-        let (_, key) = users::create_with_key(&db, "admin@example.com", None, Role::Admin, "dashboard")
-            .await
-            .unwrap();
+        let (_, key) =
+            users::create_with_key(&db, "admin@example.com", None, Role::Admin, "dashboard")
+                .await
+                .unwrap();
         Self {
             base,
             db,
@@ -165,7 +170,14 @@ impl System {
             .unwrap();
         let pairs: Vec<(String, String)> = vec![
             ("EMP_REDIS_URL".into(), REDIS_URL.into()),
-            ("EMP_REDIS_PREFIX".into(), self.dispatch.keys().hash_tag().trim_matches(['{', '}']).to_owned()),
+            (
+                "EMP_REDIS_PREFIX".into(),
+                self.dispatch
+                    .keys()
+                    .hash_tag()
+                    .trim_matches(['{', '}'])
+                    .to_owned(),
+            ),
             ("COMFYUI_URL".into(), sim.url()),
             ("EMP_CONTROL_PLANE_URL".into(), self.base.clone()),
             ("EMP_AGENT_TOKEN".into(), AGENT_TOKEN.into()),
@@ -186,7 +198,8 @@ impl System {
             max_delay: Duration::from_millis(200),
             max_attempts: Some(3),
         };
-        settings.retry = RetryPolicy::forever(Duration::from_millis(50), Duration::from_millis(500));
+        settings.retry =
+            RetryPolicy::forever(Duration::from_millis(50), Duration::from_millis(500));
         settings.wake_timeout = Duration::from_secs(1);
         settings.release_wait = Duration::from_secs(2);
         settings.final_reports_wait = Duration::from_secs(2);
@@ -253,7 +266,11 @@ impl System {
             if job["status"] == status {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "job {id} is {}, not {status}", job["status"]);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} is {}, not {status}",
+                job["status"]
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -268,7 +285,8 @@ impl System {
         self.shutdown.cancel();
         self.duties.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.duties.wait()).await;
-        let _ = emp_shared::dispatch::bench::delete_prefix(&mut self.redis, self.dispatch.keys()).await;
+        let _ =
+            emp_shared::dispatch::bench::delete_prefix(&mut self.redis, self.dispatch.keys()).await;
         let _ = std::fs::remove_dir_all(&self.artifact_dir);
     }
 }

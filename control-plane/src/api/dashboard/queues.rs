@@ -78,7 +78,10 @@ pub struct PriorityQueue {
         (status = 403, description = "Not an admin.", body = ErrorBody),
         (status = 503, description = "Postgres is unreachable, with `Retry-After`.", body = ErrorBody),
     ))]
-pub async fn queues(_admin: Admin, State(state): State<AppState>) -> Result<Json<Queues>, ApiError> {
+pub async fn queues(
+    _admin: Admin,
+    State(state): State<AppState>,
+) -> Result<Json<Queues>, ApiError> {
     let now = Utc::now();
     let priorities: Vec<PriorityQueue> = dashboard::backlog_by_priority(&state.db)
         .await?
@@ -186,7 +189,11 @@ async fn with_head_waits(
             depth: head.depth,
         })
         .collect();
-    queues.sort_by(|a, b| b.depth.cmp(&a.depth).then_with(|| a.class_id.cmp(&b.class_id)));
+    queues.sort_by(|a, b| {
+        b.depth
+            .cmp(&a.depth)
+            .then_with(|| a.class_id.cmp(&b.class_id))
+    });
     Ok(queues)
 }
 

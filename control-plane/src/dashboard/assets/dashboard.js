@@ -453,12 +453,12 @@ async function renderDetail(id, machines) {
   }
   body.dataset.outputs = outputsKey;
   body.dataset.job = id;
-  body.replaceChildren(
+  body.replaceChildren(...[
     el("div", { class: "two" }, fields, el("div", {}, el("h3", { text: "Outputs" }), outputs)),
     error,
     el("h3", { text: "Executions" }),
     execTable,
-  );
+  ].filter(Boolean));
 }
 
 // ---------------------------------------------------------------- charts
