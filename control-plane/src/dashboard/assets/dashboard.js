@@ -156,7 +156,10 @@ async function connect(key) {
       localStorage.removeItem(KEY_STORAGE);
       showLogin(reason);
     } else {
-      showLogin(`Cannot check the key: ${error.message}`);
+      // Not a refusal (the control plane is unreachable or failing): keep the key and keep
+      // trying; the connection badge says what is wrong.
+      showBoard();
+      start();
     }
   } finally {
     $("#key-submit").disabled = false;
