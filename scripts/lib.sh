@@ -69,5 +69,12 @@ ensure_redis() {
   redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null
 }
 
+# Headless Chromium and its WebDriver, for the dashboard's browser test.
+ensure_chromium() {
+  if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+    apt_install chromium chromium-driver
+  fi
+}
+
 # A build cache outside the clone, so a fresh clone does not rebuild the world.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/emp-target}"

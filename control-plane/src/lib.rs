@@ -23,6 +23,7 @@
 pub mod api;
 pub mod artifacts;
 pub mod config;
+pub mod dashboard;
 pub mod db;
 pub mod dispatch;
 pub mod http;

@@ -24,6 +24,7 @@
 pub mod api_keys;
 pub mod assets;
 pub mod auth;
+pub mod dashboard;
 pub mod fields;
 pub mod jobs;
 pub mod json;
@@ -56,6 +57,7 @@ pub fn routes() -> Router<AppState> {
         .merge(assets::routes())
         .merge(machines::routes())
         .merge(stats::routes())
+        .merge(dashboard::routes())
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::openapi_json))
 }

@@ -100,7 +100,9 @@ pub async fn openapi_json() -> Response {
     // Built once: the document only changes with the binary.
     static DOCUMENT: OnceLock<String> = OnceLock::new();
     let document = DOCUMENT.get_or_init(|| {
-        ApiDoc::openapi()
+        let mut document = ApiDoc::openapi();
+        document.merge(super::dashboard::ApiDoc::openapi());
+        document
             .to_json()
             .expect("the generated document serialises")
     });

@@ -7,6 +7,7 @@
 pub mod api_keys;
 pub mod assets;
 pub mod cursor;
+pub mod dashboard;
 pub mod error;
 pub mod executions;
 pub mod idempotency;
