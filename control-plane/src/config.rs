@@ -43,6 +43,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `EMP_SHUTDOWN_GRACE_SECS`: how long in-flight requests may take to finish on SIGTERM.
     pub shutdown_grace: Duration,
+    /// `EMP_WEBHOOK_ALLOW_PRIVATE`: let webhooks reach loopback, private and link-local
+    /// addresses (development and tests only).
+    pub webhook_allow_private: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -61,6 +64,7 @@ impl std::fmt::Debug for Config {
             .field("auto_migrate", &self.auto_migrate)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("webhook_allow_private", &self.webhook_allow_private)
             .finish()
     }
 }
@@ -150,6 +154,7 @@ impl Config {
                 25,
                 0..=3600,
             )?),
+            webhook_allow_private: parse_bool(&get, "EMP_WEBHOOK_ALLOW_PRIVATE", false)?,
         })
     }
 }

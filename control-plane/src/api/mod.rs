@@ -18,7 +18,7 @@
 //! The routes: [`users`], [`api_keys`], [`templates`] (with [`templates::render`], the
 //! placeholder substitution the job routes apply), [`jobs`] (submit, read, cancel, events),
 //! [`outputs`] (the agent's upload, the owner's download), [`machines`], [`stats`],
-//! [`metrics`] and [`openapi`].
+//! [`webhooks`] (signing secret, deliveries), [`metrics`] and [`openapi`].
 
 pub mod api_keys;
 pub mod auth;
@@ -35,6 +35,7 @@ pub mod query;
 pub mod stats;
 pub mod templates;
 pub mod users;
+pub mod webhooks;
 
 use axum::Router;
 use axum::routing::get;
@@ -51,6 +52,7 @@ pub fn routes() -> Router<AppState> {
         .merge(outputs::routes())
         .merge(machines::routes())
         .merge(stats::routes())
+        .merge(webhooks::routes())
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::openapi_json))
 }

@@ -19,7 +19,7 @@ use utoipa::openapi::{Ref, RefOr};
 use utoipa::{IntoParams, Modify, OpenApi, PartialSchema, ToSchema};
 use uuid::Uuid;
 
-use super::{api_keys, jobs, machines, metrics, outputs, stats, templates, users};
+use super::{api_keys, jobs, machines, metrics, outputs, stats, templates, users, webhooks};
 use crate::http::health;
 
 /// The document.
@@ -38,6 +38,7 @@ use crate::http::health;
         outputs::upload,
         machines::list, machines::show, machines::drain, machines::undrain,
         stats::stats, metrics::render, openapi_json, health::health, health::ready,
+        webhooks::show_secret, webhooks::rotate_secret, webhooks::list_deliveries, webhooks::redeliver,
     ),
     components(schemas(ErrorBody, ErrorDetail, ValidationDetails, FieldProblem,
         JobStatusName, ExecutionStatusName, MachineStatusName, Workflow, WorkflowNode,
@@ -52,6 +53,7 @@ use crate::http::health;
         (name = "machines", description = "The GPU boxes (admins)."),
         (name = "agent", description = "Called by emp-agent with the agent token, not by users."),
         (name = "operations", description = "Stats, metrics and this document."),
+        (name = "webhooks", description = "Signed webhook deliveries and the signing secret."),
     )
 )]
 pub struct ApiDoc;
