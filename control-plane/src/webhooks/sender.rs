@@ -235,7 +235,7 @@ impl Sender {
             .body(body.to_owned())
             .send()
             .await
-            .map_err(|error| describe(&error, self.config.timeout))?;
+            .map_err(|error| describe(error, self.config.timeout))?;
         Ok(response.status().as_u16())
     }
 
@@ -280,13 +280,14 @@ fn to_delta(wait: Duration) -> TimeDelta {
 }
 
 /// A sentence for `last_error`: the whole chain of causes (the refusal of a private address
-/// is one of them), or the timeout.
-fn describe(error: &reqwest::Error, timeout: Duration) -> String {
+/// is one of them), or the timeout. The URL is left out: its query may hold a token.
+fn describe(error: reqwest::Error, timeout: Duration) -> String {
     if error.is_timeout() {
         return format!("no answer within {} s (timed out)", timeout.as_secs_f64());
     }
+    let error = error.without_url();
     let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());
