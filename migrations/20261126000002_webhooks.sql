@@ -43,7 +43,7 @@ CREATE TABLE webhook_deliveries (
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at) WHERE status = 'PENDING';
-CREATE INDEX webhook_deliveries_job_idx ON webhook_deliveries (job_id, created_at, id);
+CREATE INDEX webhook_deliveries_job_idx ON webhook_deliveries (job_id, occurred_at, id);
 
 -- One row per try.
 CREATE TABLE webhook_delivery_attempts (

@@ -130,12 +130,13 @@ pub async fn rotate_secret(
     Ok((StatusCode::CREATED, Json(WebhookSecret { secret })))
 }
 
-/// A job's webhook deliveries, oldest first (all of them; `next_cursor` is always `null`).
+/// A job's webhook deliveries in the order of their events (all of them; `next_cursor` is
+/// always `null`).
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/webhook-deliveries", operation_id = "list_webhook_deliveries", tag = "webhooks",
     security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The job's id.")),
     responses(
-        (status = 200, description = "The deliveries, oldest first.", body = List<WebhookDelivery>),
+        (status = 200, description = "The deliveries, in the order of their events.", body = List<WebhookDelivery>),
         (status = 401, description = "No, unknown or revoked key.", body = ErrorBody),
         (status = 404, description = "No such job among the caller's.", body = ErrorBody),
     ))]

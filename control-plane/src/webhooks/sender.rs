@@ -36,6 +36,10 @@ pub const DEFAULT_SCHEDULE: [Duration; 8] = [
     Duration::from_secs(10 * 3600),
 ];
 
+/// Metric: tries made, by the delivery's status afterwards (`DELIVERED`, `PENDING` for a
+/// failed try with more to come, `FAILED` after the last).
+pub const TRIES_TOTAL: &str = "emp_webhook_tries_total";
+
 /// How a sender behaves.
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
@@ -188,6 +192,7 @@ impl Sender {
         };
         match store::record_try(&self.db, delivery.id, &self.config.owner, &outcome).await? {
             Some(recorded) => {
+                metrics::counter!(TRIES_TOTAL, "outcome" => recorded.status.clone()).increment(1);
                 tracing::info!(
                     delivery_id = %delivery.id,
                     job_id = %delivery.job_id,

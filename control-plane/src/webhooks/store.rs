@@ -275,7 +275,7 @@ pub struct DeliveryRow {
     pub delivered_at: Option<DateTime<Utc>>,
 }
 
-/// A job's deliveries, oldest first.
+/// A job's deliveries in the order of their events.
 ///
 /// # Errors
 /// Postgres failures.
@@ -287,7 +287,7 @@ pub async fn list_of_job(
         DeliveryRow,
         r#"SELECT id, event_type, status, attempts, last_status_code, last_error, next_attempt_at,
                   delivered_at
-           FROM webhook_deliveries WHERE job_id = $1 ORDER BY created_at, id"#,
+           FROM webhook_deliveries WHERE job_id = $1 ORDER BY occurred_at, id"#,
         job_id
     )
     .fetch_all(db)
