@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use emp_control_plane::redis_conn::RedisHandle;
 use emp_control_plane::webhooks::sender::{Sender, SenderConfig};
-use emp_control_plane::webhooks::store;
+use emp_control_plane::webhooks::{address, store};
 use emp_shared::dispatch::Progress;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -527,25 +527,45 @@ async fn a_new_sender_resumes_after_a_restart(db: PgPool) {
     assert_eq!(receiver.seen().len(), 3);
 }
 
+/// A host name that the system resolver maps to a loopback or private address and that is
+/// not refused by its name alone: this machine's own name, or another from /etc/hosts.
+async fn private_host_name() -> String {
+    let mut candidates: Vec<String> = std::fs::read_to_string("/etc/hostname")
+        .map(|name| vec![name.trim().to_owned()])
+        .unwrap_or_default();
+    for line in std::fs::read_to_string("/etc/hosts")
+        .unwrap_or_default()
+        .lines()
+    {
+        let line = line.split('#').next().unwrap_or("");
+        candidates.extend(line.split_whitespace().skip(1).map(str::to_owned));
+    }
+    for host in candidates {
+        if host.is_empty()
+            || address::refusal_at_submit(&format!("http://{host}/")).is_some()
+            || host.parse::<std::net::IpAddr>().is_ok()
+        {
+            continue;
+        }
+        let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+            .await
+            .map(Iterator::collect)
+            .unwrap_or_default();
+        if !resolved.is_empty() && resolved.iter().all(|a| address::is_forbidden(a.ip())) {
+            return host;
+        }
+    }
+    panic!(
+        "this test needs a host name (in /etc/hostname or /etc/hosts) that resolves to a private address"
+    );
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn private_receivers_are_never_called_when_not_allowed(db: PgPool) {
     let app = app(db).await;
     let receiver = Receiver::start().await;
     let user = app.user("sneaky@example.com").await;
-    // This machine's own name resolves through the system resolver to one of its addresses.
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|name| name.trim().to_owned())
-        .unwrap_or_default();
-    let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-        .await
-        .map(Iterator::collect)
-        .unwrap_or_default();
-    assert!(
-        resolved
-            .iter()
-            .any(|a| emp_control_plane::webhooks::address::is_forbidden(a.ip())),
-        "this test needs the host name {host:?} to resolve to a private address: {resolved:?}"
-    );
+    let host = private_host_name().await;
     let by_name = format!("http://{host}:{}/hook", receiver.port);
     let literal = submit(&app, &user.key, &receiver.url, &[]).await;
     let named = submit(&app, &user.key, &by_name, &[]).await;
