@@ -289,6 +289,7 @@ mod tests {
         assert!(config.auto_migrate);
         assert_eq!(config.redis_url, DEFAULT_REDIS_URL);
         assert_eq!(config.redis_prefix, "emp");
+        assert!(!config.webhook_allow_private);
     }
 
     #[test]
@@ -302,6 +303,7 @@ mod tests {
             ("DATABASE_URL", "mysql://x"),
             ("REDIS_URL", "http://x"),
             ("EMP_REDIS_PREFIX", "a{b}"),
+            ("EMP_WEBHOOK_ALLOW_PRIVATE", "perhaps"),
         ] {
             let err = config(&[(variable, value)]).unwrap_err();
             assert_eq!(err.variable, variable, "{value}");
