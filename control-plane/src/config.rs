@@ -50,6 +50,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `EMP_SHUTDOWN_GRACE_SECS`: how long in-flight requests may take to finish on SIGTERM.
     pub shutdown_grace: Duration,
+    /// `EMP_WEBHOOK_ALLOW_PRIVATE`: let webhooks reach loopback, private and link-local
+    /// addresses (development and tests only).
+    pub webhook_allow_private: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -70,6 +73,7 @@ impl std::fmt::Debug for Config {
             .field("auto_migrate", &self.auto_migrate)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("webhook_allow_private", &self.webhook_allow_private)
             .finish()
     }
 }
@@ -169,6 +173,7 @@ impl Config {
                 25,
                 0..=3600,
             )?),
+            webhook_allow_private: parse_bool(&get, "EMP_WEBHOOK_ALLOW_PRIVATE", false)?,
         })
     }
 }
@@ -303,6 +308,7 @@ mod tests {
         assert!(config.auto_migrate);
         assert_eq!(config.redis_url, DEFAULT_REDIS_URL);
         assert_eq!(config.redis_prefix, "emp");
+        assert!(!config.webhook_allow_private);
     }
 
     #[test]
@@ -316,6 +322,7 @@ mod tests {
             ("DATABASE_URL", "mysql://x"),
             ("REDIS_URL", "http://x"),
             ("EMP_REDIS_PREFIX", "a{b}"),
+            ("EMP_WEBHOOK_ALLOW_PRIVATE", "perhaps"),
         ] {
             let err = config(&[(variable, value)]).unwrap_err();
             assert_eq!(err.variable, variable, "{value}");

@@ -17,6 +17,7 @@
 //! - [`redis_conn`]: the Redis connection, made in the background with backoff.
 //! - [`server`]: `serve` (migrate, listen, graceful shutdown) and signal handling.
 //! - [`telemetry`]: tracing set-up.
+//! - [`webhooks`]: signed webhook deliveries from a durable outbox, with retries.
 //!
 //! `main.rs` only parses the command line and calls into these.
 
@@ -30,3 +31,4 @@ pub mod http;
 pub mod redis_conn;
 pub mod server;
 pub mod telemetry;
+pub mod webhooks;

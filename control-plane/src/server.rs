@@ -87,6 +87,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     let state = AppState::new(pool, redis, config);
     let duties = TaskTracker::new();
     spawn_duties(&state, redis_client, &duties, &shutdown);
+    crate::webhooks::spawn_sender(&state, &duties, &shutdown);
     run(listener, state, shutdown, grace).await;
     duties.close();
     duties.wait().await;

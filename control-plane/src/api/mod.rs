@@ -19,6 +19,7 @@
 //! placeholder substitution the job routes apply), [`jobs`] (submit, read, cancel, events),
 //! [`outputs`] (the agent's upload, the owner's download), [`output_uploads`] (direct
 //! uploads through presigned URLs), [`assets`] (input files), [`machines`], [`stats`],
+//! [`dashboard`] (the dashboard's admin reads), [`webhooks`] (signing secret, deliveries),
 //! [`metrics`] and [`openapi`].
 
 pub mod api_keys;
@@ -39,6 +40,7 @@ pub mod query;
 pub mod stats;
 pub mod templates;
 pub mod users;
+pub mod webhooks;
 
 use axum::Router;
 use axum::routing::get;
@@ -58,6 +60,7 @@ pub fn routes() -> Router<AppState> {
         .merge(machines::routes())
         .merge(stats::routes())
         .merge(dashboard::routes())
+        .merge(webhooks::routes())
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::openapi_json))
 }

@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use super::{
     api_keys, assets, jobs, machines, metrics, output_uploads, outputs, stats, templates, users,
+    webhooks,
 };
 use crate::http::health;
 
@@ -43,6 +44,7 @@ use crate::http::health;
         assets::agent_show, assets::agent_content,
         machines::list, machines::show, machines::drain, machines::undrain,
         stats::stats, metrics::render, openapi_json, health::health, health::ready,
+        webhooks::show_secret, webhooks::rotate_secret, webhooks::list_deliveries, webhooks::redeliver,
     ),
     components(schemas(ErrorBody, ErrorDetail, ValidationDetails, FieldProblem,
         JobStatusName, ExecutionStatusName, MachineStatusName, Workflow, WorkflowNode,
@@ -58,6 +60,7 @@ use crate::http::health;
         (name = "machines", description = "The GPU boxes (admins)."),
         (name = "agent", description = "Called by emp-agent with the agent token, not by users."),
         (name = "operations", description = "Stats, metrics and this document."),
+        (name = "webhooks", description = "Signed webhook deliveries and the signing secret."),
     )
 )]
 pub struct ApiDoc;

@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::db::DbError;
 use crate::db::machines::{self, Heartbeat, Registration};
+use crate::webhooks::outbox::ProgressEvents;
 
 /// The consumer group every persister replica shares: each entry goes to one of them.
 pub const GROUP: &str = "persister";
@@ -385,6 +386,7 @@ pub async fn apply_batch(
     let mut ends: HashMap<Uuid, ExecutionEnd> = HashMap::new();
     let mut machine_folds: HashMap<Uuid, MachineFold> = HashMap::new();
     let mut registrations: Vec<Registration> = Vec::new();
+    let mut progress = ProgressEvents::default();
 
     for event in events {
         let is_new = new_ids.contains(&event.persist_id(fallback_epoch));
@@ -404,6 +406,12 @@ pub async fn apply_batch(
                 fold.last_beat = Some(fold.last_beat.map_or(when, |t| t.max(when)));
                 fold.status = Some(beat.status);
                 applied.heartbeats += 1;
+            }
+            continue;
+        }
+        if let EventData::JobProgress(_) = &data {
+            if let (Some(job), Some(raw)) = (event.job_id, &event.data) {
+                progress.push(&event.persist_id(fallback_epoch), job, when, raw.clone());
             }
             continue;
         }
@@ -543,6 +551,7 @@ pub async fn apply_batch(
     write_execution_starts(&mut tx, &starts).await?;
     write_jobs(&mut tx, &job_order, &job_folds).await?;
     write_execution_ends(&mut tx, &ends).await?;
+    progress.write(&mut tx).await?;
     tx.commit().await?;
     Ok(applied)
 }

@@ -321,6 +321,11 @@ async fn check(state: &AppState, auth: &Auth, body: SubmitJob) -> Result<NewJob,
 
     if let Some(url) = &body.webhook_url {
         check_webhook_url(&mut problems, url);
+        if !state.config.webhook_allow_private {
+            if let Some(refusal) = crate::webhooks::address::refusal_at_submit(url) {
+                problems.add("webhook_url", refusal);
+            }
+        }
     }
     let webhook_events = body.webhook_events.unwrap_or_default();
     for (i, event) in webhook_events.iter().enumerate() {

@@ -246,6 +246,25 @@ pub async fn views(state: &AppState, jobs: Vec<Job>) -> Result<Vec<JobView>, Api
         .collect())
 }
 
+/// The job object from Postgres alone (no live state): for finished jobs, which Redis no
+/// longer describes, e.g. in webhook payloads.
+///
+/// # Errors
+/// Postgres failures.
+pub async fn stored_view(db: &sqlx::PgPool, job: Job) -> Result<JobView, crate::db::DbError> {
+    let ids = [job.id];
+    let mut extras = Extras::default();
+    if let Some(execution) = executions::latest_of_jobs(db, &ids).await?.pop() {
+        extras.execution = Some((execution.id, execution.machine_id));
+    }
+    extras.outputs = outputs::of_latest_executions(db, &ids)
+        .await?
+        .iter()
+        .map(OutputView::from)
+        .collect();
+    Ok(assemble(job, extras))
+}
+
 /// Redis's state of a job, or `None` when Redis does not know it, fails or is slow.
 async fn live_state(state: &AppState, job_id: Uuid) -> Option<JobState> {
     let mut redis = state.redis.get().ok()?;
