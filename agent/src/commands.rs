@@ -60,8 +60,18 @@ pub fn run(overrides: &ConfigOverrides) -> ExitCode {
             return ExitCode::from(exit_code::CONFIG);
         }
     };
+    let inputs = match crate::inputs::InputSettings::from_env(&Environment::from_process())
+        .map_err(|error| error.to_string())
+        .and_then(|settings| crate::inputs::InputStage::for_config(&config, &settings))
+    {
+        Ok(inputs) => inputs,
+        Err(error) => {
+            eprintln!("emp-agent: {error}");
+            return ExitCode::from(exit_code::CONFIG);
+        }
+    };
     let worker = match ComfyWorker::new(&config) {
-        Ok(worker) => worker,
+        Ok(worker) => worker.with_inputs(inputs),
         Err(error) => {
             eprintln!("emp-agent: bad configuration: {error}");
             return ExitCode::from(exit_code::CONFIG);

@@ -18,8 +18,11 @@
 //! - [`execute`]: one claimed job from submit to [`execute::Outcome`]: per-execution output
 //!   prefix, submit, following events (history polling when the socket drops), progress,
 //!   cancel and timeout, and streaming the output files to the control plane.
+//! - [`inputs`]: input files named by URL or `asset://`, downloaded and handed to ComfyUI
+//!   before the submit; model URLs go to a [`inputs::ModelResolver`].
 //! - [`fleet`]: `emp-agent run`: register, heartbeat, claim, run, report, stop
 //!   ([`fleet::Agent`]); the module doc walks through it step by step.
+//! - [`salad`]: SaladCloud's instance deletion cost, 0 while idle and high while busy.
 //! - [`health`]: whether the box should take jobs (GPU pre-flight, ComfyUI answering).
 //! - [`shutdown`]: SIGTERM/SIGINT, the grace period's tokens, systemd notifications.
 //! - [`logging`]: tracing to stderr, as text or JSON lines.
@@ -32,7 +35,9 @@ pub mod detect;
 pub mod execute;
 pub mod fleet;
 pub mod health;
+pub mod inputs;
 pub mod logging;
+pub mod salad;
 pub mod shutdown;
 
 /// The process exit codes of CONTRACT.md section 2, plus the sysexits ones we also use.

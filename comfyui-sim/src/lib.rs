@@ -18,7 +18,7 @@
 //!   the previous prompt's results the way ComfyUI's classic cache does.
 //! - `nodes`: the node catalogue (`/object_info`) and the nodes themselves: real pixel work for
 //!   the model-free image nodes, stand-ins for model nodes, and test nodes (`EmpSimFail`,
-//!   `EmpSimSleep`).
+//!   `EmpSimSleep`, `EmpSimSaveFile` for files of any size and kind, `EmpSimShowText`).
 //! - `hub`: WebSocket fan-out by client id; `images` (pixels and PNG), `paths` (Python's path
 //!   rules), `py` (Python's formatting of values) and `graph` (the ordered prompt graph) support
 //!   the rest.

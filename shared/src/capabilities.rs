@@ -52,6 +52,10 @@ pub struct Capabilities {
     /// otherwise. A box without GPU is still reported, not an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_error: Option<String>,
+    /// Seconds the agent's warmup workflow (`EMP_WARMUP_WORKFLOW`) took before the box became
+    /// available; absent when there was none (or before it ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_seconds: Option<f64>,
 }
 
 /// One GPU as NVML reports it. Fields NVML may refuse on some boards or drivers are `Option`

@@ -68,6 +68,7 @@ pub fn assemble(
         disk_free_gb: system.disk_free_gb,
         comfyui: inventory.comfyui,
         gpu_error: gpus.error,
+        warmup_seconds: None,
     };
     capabilities.recompute_totals();
     capabilities

@@ -26,6 +26,14 @@ pub mod codes {
     pub const COMFYUI_INTERRUPTED: &str = "comfyui_interrupted";
     /// An output could not be read from ComfyUI or stored by the control plane. Retryable.
     pub const OUTPUT_UPLOAD_FAILED: &str = "output_upload_failed";
+    /// An input file named in the workflow (`asset://<id>`, an `http(s)://` URL) could not be
+    /// downloaded or handed to ComfyUI; the message names the node and the input. Retryable
+    /// when the server was at fault (5xx, 408, 429, no answer), not for a 404 or a file over
+    /// the size limit.
+    pub const INPUT_UNAVAILABLE: &str = "input_unavailable";
+    /// A model input given as a URL could not be made available (no model cache, or the cache
+    /// refused it). Not retryable.
+    pub const MODEL_UNAVAILABLE: &str = "model_unavailable";
 }
 
 /// Longest `message` kept: exception texts can be huge, and the error travels through Redis.

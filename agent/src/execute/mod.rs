@@ -10,10 +10,15 @@
 //! 3. `monitor` follows the prompt until it ends: events from the socket, progress forwarded
 //!    (throttled) to a [`ProgressSink`], cancel and timeout turned into a queue delete or an
 //!    interrupt, and a lost socket replaced by history polling while it reconnects.
-//! 4. [`outputs`]: the prompt's files are streamed from `/view` into an [`OutputStore`].
+//! 0. [`crate::inputs`]: input files named by URL or `asset://` are downloaded, uploaded to
+//!    ComfyUI and the inputs rewritten (model URLs go to the model resolver).
+//! 4. [`collect`] finds what the prompt produced (every file of every output kind, and text
+//!    outputs); [`outputs`] streams each file from `/view` into an [`OutputStore`] (text as a
+//!    small JSON file). `temp` files only when the job asks (`include_temp_outputs`).
 //!
 //! The fleet loop owns what happens to the [`Outcome`] (reporting it to Redis).
 
+pub mod collect;
 pub mod error;
 pub mod graph;
 mod monitor;
@@ -31,9 +36,12 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 pub use error::{JobError, codes};
-pub use outputs::{HttpOutputStore, OutputFile, OutputKind, UploadError};
+pub use outputs::{HttpOutputStore, OutputBody, OutputFile, OutputKind, UploadError};
 
-use crate::comfy::{ComfyClient, ComfyError, ComfyEvent, EventSocket, files_in_outputs};
+use crate::comfy::{ComfyClient, ComfyError, ComfyEvent, EventSocket};
+use crate::inputs::InputStage;
+use collect::Produced;
+use futures::{StreamExt as _, TryStreamExt as _};
 use monitor::{Finish, StopReason, Watch};
 
 /// One claimed job to run.
@@ -72,12 +80,12 @@ pub trait ProgressSink: Send + Sync {
 /// Where output files go (the control plane, for the fleet: [`HttpOutputStore`]).
 pub trait OutputStore: Send + Sync {
     /// Upload one output file's bytes (a stream) to the control plane; returns the stored
-    /// output's JSON object.
+    /// output's JSON object. `output.size` is always known.
     fn upload(
         &self,
         execution_id: Uuid,
         output: &OutputFile,
-        body: reqwest::Body,
+        body: OutputBody,
     ) -> impl Future<Output = Result<Value, UploadError>> + Send;
 }
 
@@ -205,10 +213,24 @@ pub async fn execute(
     .await
 }
 
-/// [`execute`] with explicit settings.
+/// [`execute`] with explicit settings (input files by URL only: no control plane for assets).
 pub async fn execute_with(
     exec: &Execution,
     comfy: &ComfyClient,
+    sink: &impl ProgressSink,
+    store: &impl OutputStore,
+    cancel: CancellationToken,
+    settings: &ExecuteSettings,
+) -> Outcome {
+    execute_staged(exec, comfy, None, sink, store, cancel, settings).await
+}
+
+/// [`execute_with`] with the input stage that fetches the workflow's input files (`None`: a
+/// default stage that fetches URLs but no assets, made only when the workflow names some).
+pub async fn execute_staged(
+    exec: &Execution,
+    comfy: &ComfyClient,
+    inputs: Option<&InputStage>,
     sink: &impl ProgressSink,
     store: &impl OutputStore,
     cancel: CancellationToken,
@@ -225,6 +247,7 @@ pub async fn execute_with(
     let run = Run {
         exec,
         comfy,
+        inputs,
         sink,
         store,
         settings,
@@ -260,6 +283,7 @@ pub async fn execute_with(
 struct Run<'a, S, O> {
     exec: &'a Execution,
     comfy: &'a ComfyClient,
+    inputs: Option<&'a InputStage>,
     sink: &'a S,
     store: &'a O,
     settings: &'a ExecuteSettings,
@@ -278,8 +302,15 @@ impl<S: ProgressSink, O: OutputStore> Run<'_, S, O> {
                 "the workflow is not a JSON object of nodes",
             ));
         }
-        let graph =
-            graph::with_execution_prefix(&self.exec.payload.workflow, self.exec.execution_id);
+        let workflow = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Outcome::Cancelled,
+            prepared = self.prepare_inputs() => match prepared {
+                Ok(workflow) => workflow,
+                Err(outcome) => return outcome,
+            },
+        };
+        let graph = graph::with_execution_prefix(&workflow, self.exec.execution_id);
 
         // The socket first: events of a prompt submitted before it connects would be lost.
         let socket = match EventSocket::connect(
@@ -355,6 +386,29 @@ impl<S: ProgressSink, O: OutputStore> Run<'_, S, O> {
             // Only a stop has a grace period, and a stop returned above.
             Finish::StopUnconfirmed => Outcome::Cancelled,
         }
+    }
+
+    /// The workflow with its input files made local.
+    async fn prepare_inputs(&self) -> Result<Value, Outcome> {
+        let workflow = &self.exec.payload.workflow;
+        if crate::inputs::fetched_inputs(workflow).is_empty() {
+            return Ok(workflow.clone());
+        }
+        let fallback;
+        let stage = if let Some(stage) = self.inputs {
+            stage
+        } else {
+            fallback = InputStage::new(None, None, &crate::inputs::InputSettings::default())
+                .map_err(|why| Outcome::retryable(JobError::new(codes::INPUT_UNAVAILABLE, why)))?;
+            &fallback
+        };
+        stage
+            .prepare(workflow, self.exec.execution_id, self.comfy)
+            .await
+            .map_err(|failure| Outcome::Failed {
+                error: failure.error,
+                retryable: failure.retryable,
+            })
     }
 
     /// The outcome of a submit that did not queue the prompt.
@@ -444,15 +498,15 @@ impl<S: ProgressSink, O: OutputStore> Run<'_, S, O> {
             let from_history = entry
                 .as_ref()
                 .and_then(|entry| entry.get("outputs"))
-                .map(files_in_outputs)
+                .map(collect::produced)
                 .unwrap_or_default();
-            let files = if from_history.is_empty() {
+            let produced = if from_history.is_empty() {
                 // History unreadable or silent: the `executed` events named the files too.
-                files_in_outputs(&Value::Object(executed))
+                collect::produced(&Value::Object(executed))
             } else {
                 from_history
             };
-            self.upload_all(files).await
+            self.upload_all(produced).await
         };
         tokio::select! {
             biased;
@@ -508,65 +562,133 @@ impl<S: ProgressSink, O: OutputStore> Run<'_, S, O> {
         )))
     }
 
-    /// Streams every wanted file from ComfyUI into the store, one at a time.
-    async fn upload_all(&self, files: Vec<(String, crate::comfy::FileRef)>) -> Outcome {
+    /// Streams every wanted output from ComfyUI into the store, one at a time.
+    async fn upload_all(&self, produced: Vec<Produced>) -> Outcome {
         let include_temp = self.exec.payload.include_temp_outputs;
         let mut outputs = Vec::new();
-        for (node_id, file) in files {
-            let Some(kind) = OutputKind::from_comfy(&file.kind) else {
-                continue;
+        for item in produced {
+            let stored = match item {
+                Produced::File {
+                    node_id,
+                    category,
+                    file,
+                } => {
+                    let Some(kind) = OutputKind::from_comfy(&file.kind) else {
+                        continue;
+                    };
+                    if kind == OutputKind::Temp && !include_temp {
+                        continue;
+                    }
+                    self.upload_file(node_id, category, file, kind).await
+                }
+                Produced::Text { node_id, items } => self.upload_text(node_id, &items).await,
             };
-            if kind == OutputKind::Temp && !include_temp {
-                continue;
-            }
-            let viewed = match self.comfy.view(&file).await {
-                Ok(viewed) => viewed,
-                Err(why) if why.is_unreachable() => {
-                    return Outcome::retryable(JobError::new(
-                        codes::COMFYUI_UNAVAILABLE,
-                        format!("could not read output {:?}: {why}", file.filename),
-                    ));
-                }
-                Err(why) => {
-                    return Outcome::retryable(JobError::new(
-                        codes::OUTPUT_UPLOAD_FAILED,
-                        format!(
-                            "could not read output {:?} from ComfyUI: {why}",
-                            file.filename
-                        ),
-                    ));
-                }
-            };
-            let output = OutputFile {
-                node_id,
-                content_type: outputs::content_type_for(
-                    &file.filename,
-                    viewed.content_type.as_deref(),
-                ),
-                size: viewed.size,
-                filename: file.filename,
-                subfolder: file.subfolder,
-                kind,
-            };
-            let body = reqwest::Body::wrap_stream(viewed.response.bytes_stream());
-            match self
-                .store
-                .upload(self.exec.execution_id, &output, body)
-                .await
-            {
-                Ok(stored) => {
-                    tracing::info!(node_id = %output.node_id, filename = %output.filename, size = ?output.size, "output stored");
-                    outputs.push(stored);
-                }
-                Err(why) => {
-                    return Outcome::retryable(JobError::new(
-                        codes::OUTPUT_UPLOAD_FAILED,
-                        format!("could not store output {:?}: {why}", output.filename),
-                    ));
-                }
+            match stored {
+                Ok(stored) => outputs.push(stored),
+                Err(outcome) => return outcome,
             }
         }
         Outcome::Completed { outputs }
+    }
+
+    /// One file from `/view` to the store. A file whose size ComfyUI did not send is first
+    /// spooled to a temp file (the store needs the size up front).
+    async fn upload_file(
+        &self,
+        node_id: String,
+        category: String,
+        file: crate::comfy::FileRef,
+        kind: OutputKind,
+    ) -> Result<Value, Outcome> {
+        let viewed = match self.comfy.view(&file).await {
+            Ok(viewed) => viewed,
+            Err(why) if why.is_unreachable() => {
+                return Err(Outcome::retryable(JobError::new(
+                    codes::COMFYUI_UNAVAILABLE,
+                    format!("could not read output {:?}: {why}", file.filename),
+                )));
+            }
+            Err(why) => {
+                return Err(Outcome::retryable(JobError::new(
+                    codes::OUTPUT_UPLOAD_FAILED,
+                    format!(
+                        "could not read output {:?} from ComfyUI: {why}",
+                        file.filename
+                    ),
+                )));
+            }
+        };
+        let content_type =
+            outputs::content_type_for(&file.filename, viewed.content_type.as_deref());
+        let read_failed = |why: String| {
+            Outcome::retryable(JobError::new(
+                codes::OUTPUT_UPLOAD_FAILED,
+                format!(
+                    "could not read output {:?} from ComfyUI: {why}",
+                    file.filename
+                ),
+            ))
+        };
+        let (size, body, _spooled): (u64, OutputBody, Option<tempfile::TempPath>) =
+            if let Some(size) = viewed.size {
+                let stream = viewed
+                    .response
+                    .bytes_stream()
+                    .map_err(std::io::Error::other)
+                    .boxed();
+                (size, stream, None)
+            } else {
+                let (path, size) = outputs::spool(viewed.response).await.map_err(read_failed)?;
+                let opened = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|e| read_failed(e.to_string()))?;
+                let stream =
+                    tokio_util::io::ReaderStream::with_capacity(opened, 256 * 1024).boxed();
+                (size, stream, Some(path))
+            };
+        let output = OutputFile {
+            node_id,
+            category,
+            content_type,
+            size: Some(size),
+            filename: file.filename,
+            subfolder: file.subfolder,
+            kind,
+        };
+        self.store_output(&output, body).await
+    }
+
+    /// A node's text output, stored as `<node>_text.json`.
+    async fn upload_text(&self, node_id: String, items: &[Value]) -> Result<Value, Outcome> {
+        let bytes = bytes::Bytes::from(collect::text_json(&node_id, items));
+        let output = OutputFile {
+            filename: collect::text_filename(&node_id),
+            node_id,
+            category: collect::TEXT_KEY.to_owned(),
+            subfolder: String::new(),
+            kind: OutputKind::Output,
+            content_type: "application/json".to_owned(),
+            size: Some(bytes.len() as u64),
+        };
+        let body = futures::stream::once(async move { Ok::<_, std::io::Error>(bytes) }).boxed();
+        self.store_output(&output, body).await
+    }
+
+    async fn store_output(&self, output: &OutputFile, body: OutputBody) -> Result<Value, Outcome> {
+        match self
+            .store
+            .upload(self.exec.execution_id, output, body)
+            .await
+        {
+            Ok(stored) => {
+                tracing::info!(node_id = %output.node_id, filename = %output.filename, category = %output.category, size = ?output.size, "output stored");
+                Ok(stored)
+            }
+            Err(why) => Err(Outcome::retryable(JobError::new(
+                codes::OUTPUT_UPLOAD_FAILED,
+                format!("could not store output {:?}: {why}", output.filename),
+            ))),
+        }
     }
 }
 

@@ -13,7 +13,9 @@
 //!    `EMP_HEARTBEAT_INTERVAL_SECS` carrying the running executions and live GPU readings, whose
 //!    reply brings cancel, abandon and drain orders and the class registry's version.
 //! 4. **Wait for ComfyUI** for up to `EMP_COMFYUI_WAIT_SECS`, heartbeating as STARTING; never
-//!    ready → deregister, exit 69.
+//!    ready → deregister, exit 69. Then the other **steps before AVAILABLE** ([`boot`]): the
+//!    models hook and the warmup workflow (`EMP_WARMUP_WORKFLOW`). On SaladCloud the
+//!    instance's deletion cost follows the running jobs from here on ([`crate::salad`]).
 //! 5. **Claim** ([`claim`]): up to `EMP_MAX_CONCURRENT_JOBS` jobs at once from the classes the
 //!    box satisfies ([`classes`]), blocking on wake-ups when nothing waits; each job runs in its
 //!    own task ([`job`]) and its end is reported, retried until Redis accepts it or calls it
@@ -25,6 +27,7 @@
 //! Everything runs in tasks owned by [`Agent::run`]'s future (`JoinSet`s): dropping that future
 //! stops them all at once, without a word to Redis, as `kill -9` would.
 
+pub mod boot;
 pub mod claim;
 pub mod classes;
 pub mod inventory;
@@ -230,6 +233,14 @@ impl<W: Worker> Agent<W> {
         let session_stop = CancellationToken::new();
         let mut background = JoinSet::new();
         background.spawn(session::run(shared.clone(), session_stop.clone()));
+        if let Some(cost) = shared.settings.deletion_cost.clone() {
+            let watched = shared.clone();
+            background.spawn(crate::salad::keep_deletion_cost(
+                cost,
+                move || !Shared::lock(&watched.running).is_empty(),
+                session_stop.clone(),
+            ));
+        }
 
         // 4. ComfyUI.
         match wait_for_comfyui(&shared, &*worker, &stop).await {
@@ -251,6 +262,11 @@ impl<W: Worker> Agent<W> {
                 finish(&shared, JoinSet::new(), &shutdown, session_stop, background).await;
                 return Ok(());
             }
+        }
+        // The other steps before AVAILABLE: models, warmup.
+        if !boot::before_available(&shared, &*worker, &stop).await {
+            finish(&shared, JoinSet::new(), &shutdown, session_stop, background).await;
+            return Ok(());
         }
         // ComfyUI may have loaded more nodes and models since the first look.
         let report = worker.inventory().await;

@@ -1,12 +1,29 @@
 //! The fleet loop's own settings: the few variables only `run` reads (beyond
 //! [`crate::config::Config`]), and the timings tests shorten.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use emp_shared::dispatch::Dispatch;
+use serde_json::Value;
 
 use crate::config::{Config, ConfigError, Environment};
 use crate::health;
+use crate::salad::DeletionCostSettings;
+
+/// `EMP_WARMUP_TIMEOUT_SECS` when unset: a first run loads every model from disk.
+pub const DEFAULT_WARMUP_TIMEOUT_SECS: u64 = 1800;
+
+/// The warmup run before the box becomes available (`EMP_WARMUP_WORKFLOW`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warmup {
+    /// The file it was read from, for logs.
+    pub path: PathBuf,
+    /// The workflow (ComfyUI's API format), read and checked at start.
+    pub workflow: Value,
+    /// `EMP_WARMUP_TIMEOUT_SECS`: limit on the run.
+    pub timeout: Duration,
+}
 
 /// `EMP_REDIS_PREFIX` when unset: the control plane's default key prefix.
 pub const DEFAULT_REDIS_PREFIX: &str = "emp";
@@ -95,6 +112,10 @@ pub struct FleetSettings {
     pub release_wait: Duration,
     /// How long the last reports and `deregister` may take at the very end.
     pub final_reports_wait: Duration,
+    /// `EMP_WARMUP_WORKFLOW`: a workflow run once before the box becomes available.
+    pub warmup: Option<Warmup>,
+    /// SaladCloud's deletion cost (provider `salad` or `EMP_SALAD_IMDS_URL`).
+    pub deletion_cost: Option<DeletionCostSettings>,
 }
 
 impl Default for FleetSettings {
@@ -115,6 +136,8 @@ impl Default for FleetSettings {
             failures: FailurePolicy::default(),
             release_wait: Duration::from_secs(10),
             final_reports_wait: Duration::from_secs(10),
+            warmup: None,
+            deletion_cost: None,
         }
     }
 }
@@ -146,12 +169,56 @@ impl FleetSettings {
             settings.startup_retry.max_attempts = Some(attempts as usize);
         }
         settings.gpu_promise = health::gpu_promise(env, &config.provider);
+        settings.warmup = warmup(env)?;
+        settings.deletion_cost = DeletionCostSettings::from_env(env, &config.provider)?;
         Ok(settings)
     }
 }
 
+/// `EMP_WARMUP_WORKFLOW` read and checked now, so a bad file stops the start (exit 64) instead
+/// of failing later.
+fn warmup(env: &Environment) -> Result<Option<Warmup>, ConfigError> {
+    let Some(path) = env.get("EMP_WARMUP_WORKFLOW") else {
+        return Ok(None);
+    };
+    let error = |problem: String| ConfigError {
+        variable: "EMP_WARMUP_WORKFLOW".to_owned(),
+        problem,
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| error(format!("cannot read {path:?}: {e}")))?;
+    let parsed: Value =
+        serde_json::from_str(&text).map_err(|e| error(format!("{path:?} is not JSON: {e}")))?;
+    // A file saved with the job's body (`{"workflow": {…}}`) works too.
+    let workflow = match parsed.get("workflow") {
+        Some(inner) if inner.is_object() => inner.clone(),
+        _ => parsed,
+    };
+    if let Err(problems) = emp_shared::workflow::validate_workflow(&workflow) {
+        let first = problems
+            .first()
+            .map(|p| format!("{}: {}", p.field, p.problem))
+            .unwrap_or_default();
+        return Err(error(format!(
+            "{path:?} is not a ComfyUI API-format workflow ({first})"
+        )));
+    }
+    let timeout =
+        number(env, "EMP_WARMUP_TIMEOUT_SECS", 1, 86_400)?.unwrap_or(DEFAULT_WARMUP_TIMEOUT_SECS);
+    Ok(Some(Warmup {
+        path: PathBuf::from(path),
+        workflow,
+        timeout: Duration::from_secs(timeout),
+    }))
+}
+
 /// A whole number in `min..=max` from `name`, `None` when unset.
-fn number(env: &Environment, name: &str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
+pub(crate) fn number(
+    env: &Environment,
+    name: &str,
+    min: u64,
+    max: u64,
+) -> Result<Option<u64>, ConfigError> {
     let Some(text) = env.get(name) else {
         return Ok(None);
     };
@@ -210,7 +277,10 @@ mod tests {
         assert_eq!(settings.startup_retry.max_attempts, Some(1));
         assert!(settings.gpu_promise.unwrap().contains("salad"));
 
+        assert!(settings.deletion_cost.is_some(), "on for salad");
+
         for (name, value) in [
+            ("EMP_WARMUP_WORKFLOW", "/nonexistent/warmup.json"),
             ("EMP_REDIS_PREFIX", "a{b}"),
             ("EMP_COMFYUI_WAIT_SECS", "soon"),
             ("EMP_COMFYUI_WAIT_SECS", "999999"),
@@ -219,5 +289,41 @@ mod tests {
             let error = load(&[(name, value)]).unwrap_err();
             assert_eq!(error.variable, name, "{name}={value}: {error}");
         }
+    }
+}
+
+#[cfg(test)]
+mod warmup_tests {
+    use super::*;
+    use crate::config::ConfigOverrides;
+    use crate::detect::provider::HostFacts;
+
+    #[test]
+    fn the_warmup_workflow_is_read_and_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.json");
+        std::fs::write(
+            &good,
+            r#"{"workflow": {"1": {"class_type": "EmpSimSleep", "inputs": {"seconds": 0}}}}"#,
+        )
+        .unwrap();
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, r#"{"1": {"inputs": {}}}"#).unwrap();
+        let load = |path: &std::path::Path| {
+            let env = Environment::from_pairs([
+                ("EMP_WARMUP_WORKFLOW", path.to_str().unwrap()),
+                ("EMP_WARMUP_TIMEOUT_SECS", "30"),
+            ]);
+            let host = HostFacts {
+                machine_id_file: Some("box".into()),
+                hostname: None,
+            };
+            let config = Config::load(&ConfigOverrides::default(), &env, &host).unwrap();
+            FleetSettings::from_env(&env, &config)
+        };
+        let warmup = load(&good).unwrap().warmup.unwrap();
+        assert_eq!(warmup.workflow["1"]["class_type"], "EmpSimSleep");
+        assert_eq!(warmup.timeout, Duration::from_secs(30));
+        assert_eq!(load(&bad).unwrap_err().variable, "EMP_WARMUP_WORKFLOW");
     }
 }

@@ -45,6 +45,8 @@ pub struct FleetStatus {
     pub classes: Arc<[String]>,
     /// Successful registrations so far (re-registrations after a Redis loss included).
     pub registrations: u32,
+    /// How long the warmup workflow took, once it ran successfully.
+    pub warmup: Option<std::time::Duration>,
 }
 
 impl FleetStatus {

@@ -5,13 +5,21 @@
 
 use std::future::Future;
 
+use emp_shared::dispatch::Progress;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::comfy::ComfyClient;
 use crate::config::Config;
 use crate::detect::comfy_inventory::{ComfyInventory, InventoryReport};
+use crate::execute::{
+    ExecuteSettings, HttpOutputStore, OutputBody, OutputFile, OutputStore, UploadError,
+    execute_staged,
+};
 pub use crate::execute::{Execution, Outcome, ProgressSink};
-use crate::execute::{HttpOutputStore, execute};
+use crate::inputs::{InputSettings, InputStage};
 
 /// The box's job runner.
 pub trait Worker: Send + Sync + 'static {
@@ -29,6 +37,52 @@ pub trait Worker: Send + Sync + 'static {
         sink: &S,
         cancel: CancellationToken,
     ) -> impl Future<Output = Outcome> + Send;
+
+    /// Before the box becomes available: make the models it serves available (the model
+    /// cache's hook). `Err` is logged and the box goes on. The default does nothing.
+    fn prepare_models(&self) -> impl Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Runs the warmup workflow through the normal path, storing no output. The default runs
+    /// it as a job.
+    fn warmup(
+        &self,
+        execution: &Execution,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = Outcome> + Send {
+        async move { self.execute(execution, &NoProgress, cancel).await }
+    }
+}
+
+/// A sink for runs nobody follows (the warmup).
+pub struct NoProgress;
+
+impl ProgressSink for NoProgress {
+    async fn progress(&self, _progress: Progress) -> bool {
+        false
+    }
+}
+
+/// A store that reads every output to its end and keeps nothing (the warmup's outputs are
+/// not the user's).
+pub struct DiscardOutputs;
+
+impl OutputStore for DiscardOutputs {
+    async fn upload(
+        &self,
+        _execution_id: Uuid,
+        output: &OutputFile,
+        mut body: OutputBody,
+    ) -> Result<Value, UploadError> {
+        let mut size = 0_u64;
+        while let Some(chunk) = body.next().await {
+            size += chunk
+                .map_err(|e| UploadError::Transport(e.to_string()))?
+                .len() as u64;
+        }
+        Ok(json!({"node_id": output.node_id, "filename": output.filename, "size": size}))
+    }
 }
 
 /// The real worker: the local ComfyUI and the control plane's output store.
@@ -39,6 +93,8 @@ pub struct ComfyWorker {
     inventory: ComfyInventory,
     /// Uploads outputs with the agent token.
     store: HttpOutputStore,
+    /// Downloads input files and hands model URLs to the model resolver.
+    inputs: InputStage,
 }
 
 /// Why the worker could not be built.
@@ -53,6 +109,16 @@ pub enum WorkerError {
 }
 
 impl ComfyWorker {
+    /// Input files are fetched by `inputs` from now on (e.g. one with a model resolver, or
+    /// settings read from the environment).
+    #[must_use]
+    pub fn with_inputs(mut self, inputs: InputStage) -> Self {
+        self.inputs = inputs;
+        self
+    }
+}
+
+impl ComfyWorker {
     /// A worker for the ComfyUI and control plane of `config`.
     ///
     /// # Errors
@@ -62,10 +128,13 @@ impl ComfyWorker {
             .map_err(|error| WorkerError::Comfy(error.to_string()))?;
         let store = HttpOutputStore::new(&config.control_plane_url, config.agent_token.clone())
             .map_err(|error| WorkerError::Store(error.to_string()))?;
+        let inputs = InputStage::for_config(config, &InputSettings::default())
+            .map_err(WorkerError::Store)?;
         Ok(Self {
             comfy,
             inventory: ComfyInventory::new(&config.comfyui_url),
             store,
+            inputs,
         })
     }
 }
@@ -85,6 +154,28 @@ impl Worker for ComfyWorker {
         sink: &S,
         cancel: CancellationToken,
     ) -> Outcome {
-        execute(execution, &self.comfy, sink, &self.store, cancel).await
+        execute_staged(
+            execution,
+            &self.comfy,
+            Some(&self.inputs),
+            sink,
+            &self.store,
+            cancel,
+            &ExecuteSettings::default(),
+        )
+        .await
+    }
+
+    async fn warmup(&self, execution: &Execution, cancel: CancellationToken) -> Outcome {
+        execute_staged(
+            execution,
+            &self.comfy,
+            Some(&self.inputs),
+            &NoProgress,
+            &DiscardOutputs,
+            cancel,
+            &ExecuteSettings::default(),
+        )
+        .await
     }
 }

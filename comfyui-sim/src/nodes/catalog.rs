@@ -477,6 +477,23 @@ fn builtin_info(node: Builtin, sources: &Sources<'_>) -> Value {
             .optional("value", typed("*"))
             .output("*", "value")
             .output_node(),
+        Builtin::EmpSimSaveFile => Spec::new("EmpSimSaveFile", "Save File (emp simulator)", "emp-sim/testing")
+            .module("emp_comfyui_sim")
+            .describe("Test node: saves a file of size_bytes bytes (a sparse file past the first MiB, so even GiBs are written at once) and lists it under output_key, as video, audio and 3D savers do.")
+            .required("filename_prefix", json!(["STRING", {"default": "emp_sim"}]))
+            .required("size_bytes", json!(["INT", {"default": 1024, "min": 0, "max": 1_u64 << 40}]))
+            .optional("extension", json!(["STRING", {"default": "bin"}]))
+            .optional("output_key", combo(&["images", "gifs", "video", "audio", "3d", "files"]))
+            .optional("type", combo(&["output", "temp"]))
+            .optional("value", typed("*"))
+            .output_node(),
+        Builtin::EmpSimShowText => Spec::new("EmpSimShowText", "Show Text (emp simulator)", "emp-sim/testing")
+            .module("emp_comfyui_sim")
+            .describe("Test node: shows its text in the UI output (`text`), as text display nodes do.")
+            .required("text", json!(["STRING", {"default": "", "multiline": true}]))
+            .optional("value", typed("*"))
+            .output("STRING", "STRING")
+            .output_node(),
     };
     spec.render()
 }

@@ -53,10 +53,12 @@ pub enum Builtin {
     VaeEncode,
     EmpSimFail,
     EmpSimSleep,
+    EmpSimSaveFile,
+    EmpSimShowText,
 }
 
 impl Builtin {
-    pub const ALL: [Builtin; 20] = [
+    pub const ALL: [Builtin; 22] = [
         Builtin::EmptyImage,
         Builtin::ImageInvert,
         Builtin::ImageBlur,
@@ -77,6 +79,8 @@ impl Builtin {
         Builtin::VaeEncode,
         Builtin::EmpSimFail,
         Builtin::EmpSimSleep,
+        Builtin::EmpSimSaveFile,
+        Builtin::EmpSimShowText,
     ];
 
     /// The `class_type` ComfyUI knows this node by.
@@ -102,6 +106,8 @@ impl Builtin {
             Builtin::VaeEncode => "VAEEncode",
             Builtin::EmpSimFail => "EmpSimFail",
             Builtin::EmpSimSleep => "EmpSimSleep",
+            Builtin::EmpSimSaveFile => "EmpSimSaveFile",
+            Builtin::EmpSimShowText => "EmpSimShowText",
         }
     }
 
@@ -143,7 +149,10 @@ impl Builtin {
                     })
             }
             // Test nodes report NaN, as a node that must always run does in ComfyUI.
-            Builtin::EmpSimFail | Builtin::EmpSimSleep => ChangeToken::Always,
+            Builtin::EmpSimFail
+            | Builtin::EmpSimSleep
+            | Builtin::EmpSimSaveFile
+            | Builtin::EmpSimShowText => ChangeToken::Always,
             _ => ChangeToken::Stable,
         }
     }
@@ -605,5 +614,7 @@ pub async fn run(kind: &NodeKind, ctx: &NodeCtx, inputs: &Inputs) -> Result<Node
         Builtin::VaeEncode => model::encode(ctx, inputs).await,
         Builtin::EmpSimFail => testing::fail(ctx, inputs).await,
         Builtin::EmpSimSleep => testing::sleep(ctx, inputs).await,
+        Builtin::EmpSimSaveFile => testing::save_file(ctx, inputs).await,
+        Builtin::EmpSimShowText => testing::show_text(inputs),
     }
 }

@@ -76,20 +76,29 @@ pub async fn view(
     if file_name.is_empty() || !path.is_file() {
         return StatusCode::NOT_FOUND.into_response();
     }
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => (
-            [
-                (header::CONTENT_TYPE, content_type(file_name).to_string()),
-                (
-                    header::CONTENT_DISPOSITION,
-                    format!("filename=\"{file_name}\""),
-                ),
-            ],
-            bytes,
-        )
-            .into_response(),
-        Err(_) => StatusCode::NOT_FOUND.into_response(),
-    }
+    // Streamed, as aiohttp's FileResponse does: outputs can be GiBs.
+    let Ok(file) = tokio::fs::File::open(&path).await else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let length = match file.metadata().await {
+        Ok(metadata) => metadata.len(),
+        Err(_) => return StatusCode::NOT_FOUND.into_response(),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, content_type(file_name).to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("filename=\"{file_name}\""),
+            ),
+            (header::CONTENT_LENGTH, length.to_string()),
+        ],
+        axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+            file,
+            256 * 1024,
+        )),
+    )
+        .into_response()
 }
 
 /// `os.path.splitext`.
