@@ -245,8 +245,8 @@ async fn a_new_class_wakes_idle_machines_and_a_known_one_does_not() {
     let mut waiter = emp_shared::dispatch::waiter_connection(&client)
         .await
         .unwrap();
-    let known = vec![class_id(1)];
-    c.enqueue(Uuid::now_v7(), &known[0]).await;
+    let known = class_id(1);
+    c.enqueue(Uuid::now_v7(), &known).await;
     // The first job of class 1 left a token: taken at once.
     let w =
         c.d.wait_for_work_or_classes(&mut waiter, &m, &[], Duration::from_secs(5))
@@ -254,7 +254,7 @@ async fn a_new_class_wakes_idle_machines_and_a_known_one_does_not() {
             .unwrap();
     assert_eq!(w, Wake::ClassesChanged);
     // Another job of a known class does not say so.
-    c.enqueue(Uuid::now_v7(), &known[0]).await;
+    c.enqueue(Uuid::now_v7(), &known).await;
     let w =
         c.d.wait_for_work_or_classes(&mut waiter, &m, &[], Duration::from_millis(300))
             .await

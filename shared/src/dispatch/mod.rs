@@ -114,8 +114,12 @@
 //! | script | commands |
 //! |---|---|
 //! | `enqueue` | 13: GET epoch, HGET job, HMGET config, INCR seq, TIME, HSET job, INCR queued, HSETNX classes, GET user running, ZADD queue, ZADD LT heads, LPUSH wake, XADD (+ INCR classes:ver and 2-3 per live machine the first time a class is seen) |
-//! | `complete_claim` | 24: GET epoch, HMGET config, TIME, HMGET next exec (retry check); complete: HMGET exec, HMGET job, ZREM leases, HSET + PEXPIRE exec, SREM machine execs, DECR user running, ZPOPMIN held, HSET + PEXPIRE job, XADD; claim: HMGET machine, SCARD, ZPOPMIN queue, HMGET job, INCR user running, DECR queued, HSET job, HSET exec, ZADD leases, SADD, XADD. The machine's status does not change (BUSY stays BUSY) |
-//! | `claim` + `complete` (two calls, the path before `complete_claim`) | 36: the above, plus a second GET epoch, HMGET config, TIME and machine read, SCARD, and two status writes with their `machine.status` events on a one-slot machine |
+//! | `complete_claim` | 25: GET epoch, HMGET config, TIME, HMGET next exec (retry check); complete: HMGET exec (no job read: the execution holds the user and attempts), ZREM leases, HSET + PEXPIRE exec, SREM machine execs, DECR user running, ZPOPMIN held, HSET + PEXPIRE job, XADD; claim: HMGET machine, SCARD, ZPOPMIN queue, HMGET job, INCR user running, DECR queued, HSET job, HSET exec, ZADD leases, SADD, XADD. The machine's status does not change (BUSY stays BUSY) |
+//! | `claim` + `complete` (two calls) | 34: 17 each; the second call repeats GET epoch, HMGET config, TIME, the machine read and SCARD, and a one-slot machine's status is written twice (AVAILABLE → BUSY → AVAILABLE) with two `machine.status` events |
+//!
+//! (Before `complete_claim`, the same job cost 36 commands in two calls.) The target of
+//! 12 is not met: an execution has its own hash, lease entry and machine-set entry, each written
+//! when it starts and when it ends, and each end of it writes an event.
 //!
 //! ## Security note
 //! Redis 7 checks every command a script runs against the *calling* user's ACL, so an agent's
