@@ -64,3 +64,35 @@ async fn an_idle_agent_issues_only_a_few_redis_commands() {
 
     agent.stop().await.unwrap();
 }
+
+/// The first job of a kind no box has seen is claimed at once, not at the next heartbeat: the
+/// enqueue wakes idle claimers, which read the classes again. Heartbeats here are a minute apart
+/// (the most allowed), the job must be done well within that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_a_new_class_is_claimed_without_waiting_for_a_heartbeat() {
+    init_logging();
+    let redis = PrivateRedis::start().await;
+    let mut cp = ControlPlane::new(&redis.url(), DispatchConfig::default()).await;
+    let (sim, _dir) = simulator(&[]).await;
+    let mut spec = AgentSpec::new(&cp, &sim).env("EMP_HEARTBEAT_INTERVAL_SECS", "60");
+    spec.tweak = |settings| settings.wake_timeout = Duration::from_secs(60);
+    let agent = TestAgent::ready(spec).await;
+    // Registered, class read, the STARTING and READY heartbeats done; no class known yet.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while agent.handle.heartbeat_count() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no first heartbeat");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(agent.handle.status.borrow().classes.is_empty());
+
+    let beats = agent.handle.heartbeat_count();
+    let job = cp.submit(sleep_workflow(0.1, 1)).await;
+    cp.wait_status(job, JobStatus::Completed, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        agent.handle.heartbeat_count(),
+        beats,
+        "claimed without a heartbeat in between"
+    );
+    agent.stop().await.unwrap();
+}

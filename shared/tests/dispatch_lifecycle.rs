@@ -1348,6 +1348,9 @@ async fn every_script_declares_keys_under_one_hash_tag() {
     d.complete(&mut rec, &m, &eid, "[]").await.unwrap();
     d.fail(&mut rec, &m, &eid, "{}", true).await.unwrap();
     d.release(&mut rec, &m, &eid).await.unwrap();
+    d.complete_and_claim(&mut rec, &m, &eid, "[]", &Uuid::now_v7(), &cls)
+        .await
+        .unwrap();
     d.requeue_expired(&mut rec, 10).await.unwrap();
     d.sweep_machines(&mut rec, Duration::from_secs(600), 10)
         .await

@@ -1,6 +1,9 @@
 //! The claim loop: whenever a slot is free and the box may claim, claim from the matching
-//! classes; when nothing is waiting, block on the classes' wake-up keys (no polling), then
-//! claim again. Each claimed job runs in its own task.
+//! classes; when nothing is waiting, block on the classes' wake-up keys and the machine's own
+//! (a new class appeared: read the classes at once, not at the next heartbeat), no polling,
+//! then claim again. Each claimed job runs in its own task, which claims the next job itself
+//! when it completes ([`job`]: one `complete_claim` call), so a busy box comes back here only
+//! when the queue runs dry.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +18,7 @@ use uuid::Uuid;
 use super::job;
 use super::redis_link::Waiter;
 use super::retry::{self, GaveUp, is_transient};
+use super::session;
 use super::state::{FleetStatus, Shared};
 use super::worker::Worker;
 
@@ -54,7 +58,13 @@ pub async fn run<W: Worker>(
                 blocker_logged = Some(why);
             }
             drop(slot);
-            if !wait_for_change(&mut status, &stop, shared.settings.wake_timeout).await {
+            let keep_going = if snapshot.only_lacks_classes() {
+                // Ready but nothing matches yet: wait for a new class (or any change).
+                work_wait.wait(&shared, &[], &stop, Some(&mut status)).await
+            } else {
+                wait_for_change(&mut status, &stop, shared.settings.wake_timeout).await
+            };
+            if !keep_going {
                 break;
             }
             continue;
@@ -130,7 +140,7 @@ pub async fn run<W: Worker>(
             }
             ClaimOutcome::Empty => {
                 drop(slot);
-                if !work_wait.wait(&shared, &classes, &stop).await {
+                if !work_wait.wait(&shared, &classes, &stop, None).await {
                     break;
                 }
             }
@@ -194,7 +204,9 @@ impl WorkWait {
         }
     }
 
-    /// Blocks on the wake-up keys of `classes` (one BLPOP of up to `wake_timeout`). A broken
+    /// Blocks on the wake-up keys of `classes` and the machine's own one, which says a new
+    /// class appeared (one BLPOP of up to `wake_timeout`); on the latter, reads the classes
+    /// again before returning. With `status`, a change of it ends the wait too. A broken
     /// connection is reopened on the next call, after a backoff pause. `false` when `stop`
     /// fired.
     async fn wait(
@@ -202,10 +214,23 @@ impl WorkWait {
         shared: &Shared,
         classes: &[String],
         stop: &CancellationToken,
+        status: Option<&mut watch::Receiver<FleetStatus>>,
     ) -> bool {
+        let changed = async move {
+            match status {
+                Some(status) => drop(status.changed().await),
+                None => std::future::pending().await,
+            }
+        };
+        let machine_id = shared.machine_id();
         let result = tokio::select! {
             () = stop.cancelled() => return false,
-            result = self.waiter.wait(&shared.redis.dispatch, classes, shared.settings.wake_timeout) => result,
+            () = changed => {
+                // The BLPOP still runs on the server: a fresh connection for the next wait.
+                self.waiter.reset();
+                return true;
+            }
+            result = self.waiter.wait(&shared.redis.dispatch, machine_id.as_ref(), classes, shared.settings.wake_timeout) => result,
         };
         match result {
             Ok(wake) => {
@@ -214,8 +239,17 @@ impl WorkWait {
                     self.failures = 0;
                     self.backoff = Box::new(retry::delays(&shared.settings.retry));
                 }
-                if let Wake::Woken { class_id } = wake {
-                    tracing::debug!(class_id, "woken: a job may be waiting");
+                match wake {
+                    Wake::Woken { class_id } => {
+                        tracing::debug!(class_id, "woken: a job may be waiting");
+                    }
+                    Wake::ClassesChanged => {
+                        tracing::info!("a new job class appeared; reading the classes");
+                        if let Err(error) = session::refresh_classes(shared).await {
+                            tracing::warn!(%error, "could not read the job classes; the next heartbeat will");
+                        }
+                    }
+                    Wake::TimedOut => {}
                 }
                 true
             }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use emp_shared::dispatch::{
-    CancelledResult, ClaimedJob, DispatchError, FailResult, Fenced, Progress, ReleaseResult,
+    CancelledResult, ClaimOutcome, ClaimedJob, DispatchError, FailResult, Fenced, Progress,
+    ReleaseResult,
 };
 use emp_shared::payload::JobPayload;
 use serde_json::{Value, json};
@@ -63,28 +64,58 @@ pub fn report_for(outcome: Outcome, job: &RunningJob) -> Report {
 }
 
 /// Puts a claimed job on the running list (so the next heartbeat extends its lease) and returns
-/// the task that runs it and reports its end. The task holds `slot` until the report is done,
-/// so the box never claims more than it may run.
+/// the task that runs it and reports its end. A job that completes is reported with a claim of
+/// the next one in the same call when the box may claim ([`Dispatch::complete_and_claim`]); the
+/// task then runs that one too, in the same slot. The task holds `slot` until its last report is
+/// done, so the box never claims more than it may run.
+///
+/// [`Dispatch::complete_and_claim`]: emp_shared::dispatch::Dispatch::complete_and_claim
 pub fn start<W: Worker>(
     shared: Arc<Shared>,
     worker: Arc<W>,
     claimed: ClaimedJob,
     slot: tokio::sync::OwnedSemaphorePermit,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let first = listed(&shared, &claimed);
+    async move {
+        let mut current = Some((claimed, first));
+        while let Some((claimed, (job, listed_job))) = current.take() {
+            let span = tracing::info_span!(
+                "job",
+                job_id = %claimed.job_id,
+                execution_id = %claimed.execution_id,
+                attempt = claimed.attempts,
+                class_id = claimed.class_id,
+            );
+            let next = run(shared.clone(), worker.clone(), claimed, job, listed_job)
+                .instrument(span)
+                .await;
+            current = next.map(|claimed| {
+                tracing::info!(
+                    job_id = %claimed.job_id,
+                    execution_id = %claimed.execution_id,
+                    class_id = claimed.class_id,
+                    attempt = claimed.attempts,
+                    max_attempts = claimed.max_attempts,
+                    "claimed a job"
+                );
+                let entry = listed(&shared, &claimed);
+                (claimed, entry)
+            });
+        }
+        drop(slot);
+    }
+}
+
+/// Lists a claimed job as running; the [`Listed`] guard takes it off again.
+fn listed(shared: &Arc<Shared>, claimed: &ClaimedJob) -> (Arc<RunningJob>, Listed) {
     let job = Arc::new(RunningJob::new(claimed.job_id, claimed.class_id.clone()));
     Shared::lock(&shared.running).insert(claimed.execution_id, job.clone());
     let listed = Listed {
         shared: shared.clone(),
         execution_id: claimed.execution_id,
     };
-    let span = tracing::info_span!(
-        "job",
-        job_id = %claimed.job_id,
-        execution_id = %claimed.execution_id,
-        attempt = claimed.attempts,
-        class_id = claimed.class_id,
-    );
-    run(shared, worker, claimed, job, (listed, slot)).instrument(span)
+    (job, listed)
 }
 
 /// Takes the execution off the running list when the job's task ends, however it ends (a
@@ -100,14 +131,15 @@ impl Drop for Listed {
     }
 }
 
+/// Runs one job and reports its end; returns the next job when the report claimed one.
 async fn run<W: Worker>(
     shared: Arc<Shared>,
     worker: Arc<W>,
     claimed: ClaimedJob,
     job: Arc<RunningJob>,
-    // Dropped at the end, in this order: off the list, then the slot is free.
-    _held: (Listed, tokio::sync::OwnedSemaphorePermit),
-) {
+    // Dropped at the end: off the list.
+    _listed: Listed,
+) -> Option<ClaimedJob> {
     let execution_id = claimed.execution_id;
     let report = match JobPayload::from_json(&claimed.payload) {
         Ok(payload) => {
@@ -146,7 +178,18 @@ async fn run<W: Worker>(
             }
         }
     };
-    send_report(&shared, execution_id, &report).await;
+    send_report(&shared, execution_id, &report).await
+}
+
+/// The classes to claim the next job from when the box may claim now (the claim loop's own
+/// checks), else `None`.
+fn next_claim(shared: &Shared) -> Option<Vec<String>> {
+    let snapshot = shared.status.borrow().clone();
+    if snapshot.claim_blocker().is_some() {
+        return None;
+    }
+    let (classes, _) = Shared::lock(&shared.penalties).filter(&snapshot.classes, Instant::now());
+    (!classes.is_empty()).then_some(classes)
 }
 
 /// Failures that say something about this box rather than the job: retryable ones (ComfyUI
@@ -177,24 +220,30 @@ fn penalise(shared: &Shared, class_id: &str) {
 }
 
 /// Sends `report`, retrying while Redis is unreachable or restoring, until it is accepted,
-/// found stale or refused, or the shutdown's last deadline passes.
-async fn send_report(shared: &Shared, execution_id: Uuid, report: &Report) {
+/// found stale or refused, or the shutdown's last deadline passes. A `complete` claims the next
+/// job in the same call when the box may claim; that job is returned.
+async fn send_report(shared: &Shared, execution_id: Uuid, report: &Report) -> Option<ClaimedJob> {
     if *report == Report::Nothing {
         tracing::info!("not reporting: the execution is no longer ours");
-        return;
+        return None;
     }
-    let Some(machine_id) = shared.machine_id() else {
-        return;
+    let machine_id = shared.machine_id()?;
+    // One execution id for the next claim, kept across retries: a retry after a lost reply gets
+    // the same claim back.
+    let next = match report {
+        Report::Complete(_) => next_claim(shared).map(|classes| (Uuid::now_v7(), classes)),
+        _ => None,
     };
     let what = match report {
         Report::Complete(_) => "report complete",
         Report::Fail { .. } => "report fail",
         Report::Cancelled => "report cancelled",
         Report::Release => "report release",
-        Report::Nothing => return,
+        Report::Nothing => return None,
     };
     let mut restoring_waits = retry::delays(&shared.settings.retry);
     let mut report = report.clone();
+    let mut next_job = None;
     loop {
         let answer = retry::retry(
             what,
@@ -202,13 +251,19 @@ async fn send_report(shared: &Shared, execution_id: Uuid, report: &Report) {
             shared.settings.redis_timeout,
             &shared.reports_deadline,
             is_transient,
-            || send_once(shared, machine_id, execution_id, &report),
+            || send_once(shared, machine_id, execution_id, &report, next.as_ref()),
         )
         .await;
+        let answer = answer.map(|(fenced, claim)| {
+            if let Some(claim) = claim {
+                next_job = took_next(shared, claim);
+            }
+            fenced
+        });
         match answer {
             Ok(Fenced::Accepted(Sent::Done(detail))) => {
                 tracing::info!(result = detail, "{what}: accepted");
-                return;
+                return next_job;
             }
             Ok(Fenced::Accepted(Sent::NotRequested)) => {
                 // We stopped it without a user's cancel (a stale progress, a lost order): give
@@ -220,11 +275,11 @@ async fn send_report(shared: &Shared, execution_id: Uuid, report: &Report) {
                 tracing::warn!(
                     "{what}: stale (the job moved on without this execution); nothing changed"
                 );
-                return;
+                return next_job;
             }
             Ok(Fenced::NotOwner) => {
                 tracing::error!("{what}: refused, the execution belongs to another machine");
-                return;
+                return next_job;
             }
             Ok(Fenced::Restoring) => {
                 let wait = restoring_waits
@@ -235,18 +290,18 @@ async fn send_report(shared: &Shared, execution_id: Uuid, report: &Report) {
                     tracing::error!(
                         "{what}: not sent before the agent stopped; the lease will expire and requeue the job"
                     );
-                    return;
+                    return next_job;
                 }
             }
             Err(GaveUp::Stopped) => {
                 tracing::error!(
                     "{what}: not sent before the agent stopped; the lease will expire and requeue the job"
                 );
-                return;
+                return next_job;
             }
             Err(error) => {
                 tracing::error!(%error, "{what}: failed for good");
-                return;
+                return next_job;
             }
         }
     }
@@ -260,17 +315,46 @@ enum Sent {
     NotRequested,
 }
 
+/// What the claim of the next job answered: the job, or `None` (the box's status is updated
+/// as the claim loop would; the loop claims again when its slot is free).
+fn took_next(shared: &Shared, claim: ClaimOutcome) -> Option<ClaimedJob> {
+    match claim {
+        ClaimOutcome::Claimed(claimed) => Some(*claimed),
+        ClaimOutcome::Draining => {
+            shared.status.send_if_modified(|status| {
+                let changed = !status.draining;
+                status.draining = true;
+                changed
+            });
+            None
+        }
+        ClaimOutcome::UnknownMachine => {
+            shared.request_registration();
+            None
+        }
+        ClaimOutcome::Empty | ClaimOutcome::AtCapacity | ClaimOutcome::Restoring => None,
+    }
+}
+
+/// One try of a report; a `complete` with `next` (execution id, classes) also claims.
 async fn send_once(
     shared: &Shared,
     machine_id: Uuid,
     execution_id: Uuid,
     report: &Report,
-) -> Result<Fenced<Sent>, DispatchError> {
+    next: Option<&(Uuid, Vec<String>)>,
+) -> Result<(Fenced<Sent>, Option<ClaimOutcome>), DispatchError> {
     let dispatch = &shared.redis.dispatch;
     let mut con = shared.redis.con.clone();
     let con = &mut con;
     let (m, e) = (&machine_id, &execution_id);
-    Ok(match report {
+    if let (Report::Complete(outputs), Some((next_id, classes))) = (report, next) {
+        let r = dispatch
+            .complete_and_claim(con, m, e, outputs, next_id, classes)
+            .await?;
+        return Ok((map(r.completed, |()| Sent::Done("completed")), Some(r.next)));
+    }
+    let sent = match report {
         Report::Complete(outputs) => map(dispatch.complete(con, m, e, outputs).await?, |()| {
             Sent::Done("completed")
         }),
@@ -298,7 +382,8 @@ async fn send_once(
             })
         }),
         Report::Nothing => Fenced::Accepted(Sent::Done("nothing")),
-    })
+    };
+    Ok((sent, None))
 }
 
 fn map<T>(fenced: Fenced<T>, f: impl FnOnce(T) -> Sent) -> Fenced<Sent> {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use emp_shared::dispatch::{Dispatch, DispatchError, Wake, waiter_connection};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::retry::{self, GaveUp};
 use super::settings::FleetSettings;
@@ -119,13 +120,21 @@ impl Waiter {
         Self { client, con: None }
     }
 
-    /// Blocks until a wake token arrives for one of `classes` or `timeout` passes.
+    /// Drops the connection (a wait given up while its BLPOP still runs on the server); the
+    /// next wait opens another.
+    pub fn reset(&mut self) {
+        self.con = None;
+    }
+
+    /// Blocks until a wake token arrives for one of `classes` (or, with `machine_id`, on the
+    /// machine's own wake-up key: a new class) or `timeout` passes.
     ///
     /// # Errors
     /// Redis errors; the connection is dropped and reopened on the next call.
     pub async fn wait(
         &mut self,
         dispatch: &Dispatch,
+        machine_id: Option<&Uuid>,
         classes: &[String],
         timeout: Duration,
     ) -> Result<Wake, DispatchError> {
@@ -141,7 +150,14 @@ impl Waiter {
         let Some(con) = self.con.as_mut() else {
             unreachable!("the connection was just opened");
         };
-        let result = dispatch.wait_for_work(con, classes, timeout).await;
+        let result = match machine_id {
+            Some(machine_id) => {
+                dispatch
+                    .wait_for_work_or_classes(con, machine_id, classes, timeout)
+                    .await
+            }
+            None => dispatch.wait_for_work(con, classes, timeout).await,
+        };
         if result.is_err() {
             self.con = None;
         }

@@ -68,6 +68,17 @@ impl FleetStatus {
     }
 }
 
+impl FleetStatus {
+    /// Whether the only thing keeping this box from claiming is that no class matches it (yet).
+    pub fn only_lacks_classes(&self) -> bool {
+        self.machine_id.is_some()
+            && self.phase == Phase::Ready
+            && self.health.is_healthy()
+            && !self.draining
+            && self.classes.is_empty()
+    }
+}
+
 /// One job this box runs, as the heartbeat and the shutdown see it.
 #[derive(Debug)]
 pub struct RunningJob {

@@ -4,7 +4,9 @@
 //! (nothing else is touched: no FLUSH, no foreign keys).
 //!
 //! - (a) [`emp_shared::dispatch::bench::claim_complete_with`]: `--jobs` jobs of one class, then
-//!   1, 10, 100 machines (one connection each) claim and complete until the queue is empty.
+//!   1, 10, 100 machines (one connection each) claim and complete until the queue is empty,
+//!   finishing each job and claiming the next in one `complete_claim` call as the agent does
+//!   (`--separate`: a `complete` and a `claim` call per job, for comparison).
 //! - (b) [`latency::submit_to_claimed`]: idle claimers blocked in `wait_for_work`, one submit at
 //!   a time, timed from the enqueue call to the claim's reply.
 //! - (c) [`latency::backlog`]: claim latency on a prefix without and one with 100,000 jobs the
@@ -61,6 +63,10 @@ pub struct Args {
     /// enqueue and claim scripts' CPU.
     #[arg(long, default_value_t = 0)]
     pub payload_bytes: usize,
+    /// Claimers complete a job and claim the next in two calls (`complete`, then `claim`)
+    /// instead of one `complete_claim` call (the agent's path).
+    #[arg(long)]
+    pub separate: bool,
     /// Submissions timed from submit to claimed.
     #[arg(long, default_value_t = 2_000)]
     pub submits: usize,
@@ -131,13 +137,14 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
                     connections: claimers,
                     slots: args.slots,
                     payload_bytes: args.payload_bytes,
+                    combined: !args.separate,
                 },
             )
             .await?;
             report.note_foreign(&format!("(a) {claimers} claimers"), &r);
             runs.push(r);
         }
-        add_throughput(&mut report, &runs, args.slots, args.payload_bytes);
+        add_throughput(&mut report, &runs, args);
     }
     if args.wants("b") {
         eprintln!("(b) submit → claimed, {} waiters…", args.waiters);
@@ -238,11 +245,17 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn add_throughput(report: &mut Report, runs: &[BenchReport], slots: u32, payload_bytes: usize) {
-    let payload = if payload_bytes == 0 {
+fn add_throughput(report: &mut Report, runs: &[BenchReport], args: &Args) {
+    let slots = args.slots;
+    let payload = if args.payload_bytes == 0 {
         String::new()
     } else {
-        format!(", {} B payloads", thousands(payload_bytes as f64))
+        format!(", {} B payloads", thousands(args.payload_bytes as f64))
+    };
+    let calls = if args.separate {
+        "complete, claim: 2 calls/job"
+    } else {
+        "complete_claim: 1 call/job"
     };
     for r in runs {
         let (target, verdict) = if r.claimers >= 10 {
@@ -259,7 +272,7 @@ fn add_throughput(report: &mut Report, runs: &[BenchReport], slots: u32, payload
         report.row(
             "a",
             format!(
-                "claim+complete cycles/s, {} claimer{} ({} jobs, {slots} slot/machine{payload})",
+                "claim+complete cycles/s, {} claimer{} ({} jobs, {slots} slot/machine{payload}, {calls})",
                 r.claimers,
                 if r.claimers == 1 { "" } else { "s" },
                 thousands(r.jobs as f64)
@@ -319,7 +332,7 @@ fn add_throughput(report: &mut Report, runs: &[BenchReport], slots: u32, payload
     let (script_us, inside_us) = r.phase.script_time();
     report.row(
         "e",
-        "  Redis time per job in the two scripts (of which their commands' own work)",
+        "  Redis time per job in scripts (of which their commands' own work)",
         format!(
             "{:.0} µs ({:.0} µs)",
             script_us as f64 / jobs,

@@ -430,6 +430,10 @@ pub struct CycleBench {
     pub slots: u32,
     /// Payload size in bytes ([`payload_of`]); 0 for [`new_job`]'s small one.
     pub payload_bytes: usize,
+    /// Each claimer finishes a job and claims the next in one call
+    /// ([`Dispatch::complete_and_claim`], the agent's path); `false`: a `complete` and a `claim`
+    /// call per job.
+    pub combined: bool,
 }
 
 /// Enqueues `jobs` jobs of one class, then `claimers` machines (one slot each) claim and
@@ -450,6 +454,7 @@ pub async fn claim_complete(
             connections: claimers.min(16),
             slots: 1,
             payload_bytes: 0,
+            combined: true,
         },
     )
     .await
@@ -534,18 +539,26 @@ async fn cycle_phases(
     for (i, mid) in machines.into_iter().enumerate() {
         let mut c = Counting::new(cons[i % cons.len()].clone(), sent.clone());
         let (d, cycles, classes) = (dispatch.clone(), cycles.clone(), classes.clone());
+        let combined = bench.combined;
         set.spawn(async move {
-            loop {
-                let eid = Uuid::now_v7();
-                match d.claim(&mut c, &mid, &eid, &classes).await? {
-                    ClaimOutcome::Claimed(job) => {
-                        let done = d.complete(&mut c, &mid, &job.execution_id, "[]").await?;
-                        debug_assert!(matches!(done, Fenced::Accepted(())));
-                        cycles.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => return Ok::<(), DispatchError>(()),
+            let mut outcome = d.claim(&mut c, &mid, &Uuid::now_v7(), &classes).await?;
+            while let ClaimOutcome::Claimed(job) = outcome {
+                let eid = job.execution_id;
+                if combined {
+                    let next = Uuid::now_v7();
+                    let r = d
+                        .complete_and_claim(&mut c, &mid, &eid, "[]", &next, &classes)
+                        .await?;
+                    debug_assert!(matches!(r.completed, Fenced::Accepted(())));
+                    outcome = r.next;
+                } else {
+                    let done = d.complete(&mut c, &mid, &eid, "[]").await?;
+                    debug_assert!(matches!(done, Fenced::Accepted(())));
+                    outcome = d.claim(&mut c, &mid, &Uuid::now_v7(), &classes).await?;
                 }
+                cycles.fetch_add(1, Ordering::Relaxed);
             }
+            Ok::<(), DispatchError>(())
         });
     }
     while let Some(r) = set.join_next().await {

@@ -11,10 +11,11 @@ use super::error::DispatchError;
 use super::keys::{Keys, check_class_id};
 use super::scripts::{Args, Lua, Reply, Scripts};
 use super::types::{
-    AgentState, CancelOutcome, CancelledResult, ClaimOutcome, ClaimedJob, DispatchConfig,
-    EnqueueOutcome, FailResult, Fenced, Heartbeat, HeartbeatOutcome, HeartbeatReply, JobState,
-    JobStatus, MachineAction, MachineAdminOutcome, MachineState, MachineStatus, NewJob, Progress,
-    ProgressAck, QueueLimit, ReapReport, RegisterOutcome, Registration, ReleaseResult,
+    AgentState, CancelOutcome, CancelledResult, ClaimOutcome, ClaimedJob, CompleteAndClaim,
+    DispatchConfig, EnqueueOutcome, FailResult, Fenced, Heartbeat, HeartbeatOutcome,
+    HeartbeatReply, JobState, JobStatus, MachineAction, MachineAdminOutcome, MachineState,
+    MachineStatus, NewJob, Progress, ProgressAck, QueueLimit, ReapReport, RegisterOutcome,
+    Registration, ReleaseResult,
 };
 use super::wake::Wake;
 
@@ -219,6 +220,7 @@ impl Dispatch {
             k.classes_version(),
             k.events(),
             self.heads_key(),
+            k.machines(),
             k.job(&job.job_id),
             k.queue(&job.class_id),
             k.wake(&job.class_id),
@@ -384,17 +386,86 @@ impl Dispatch {
         for _ in 0..MAX_CLAIM_ROUNDS {
             let r = Reply::new(lua.name, lua.run(con, &keys, &args.0).await?)?;
             return Ok(match r.tag()?.as_str() {
-                "claimed" => ClaimOutcome::Claimed(Box::new(claimed(&r)?)),
+                "claimed" => ClaimOutcome::Claimed(Box::new(claimed_at(&r, 0)?)),
                 "again" => continue,
-                "empty" => ClaimOutcome::Empty,
-                "at_capacity" => ClaimOutcome::AtCapacity,
-                "draining" => ClaimOutcome::Draining,
-                "unknown_machine" => ClaimOutcome::UnknownMachine,
-                "restoring" => ClaimOutcome::Restoring,
-                other => return Err(r.unexpected(format!("tag {other}"))),
+                other => claim_tag(&r, other)?,
             });
         }
         Ok(ClaimOutcome::Empty)
+    }
+
+    /// [`Self::complete`] for `execution_id`, then [`Self::claim`] of the next job as
+    /// `next_execution_id`, in one script call: the agent's path when a job ended well and the
+    /// box wants another. The complete is done whatever the claim finds; the claim is made
+    /// whatever the complete's answer (a stale or refused report frees the slot all the same).
+    /// Retrying with the same two ids after a lost reply is safe: the complete answers `ok`
+    /// again and the claim hands back the job it took.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a bad class id or no classes; `Rejected` for outputs that are not
+    /// JSON or a next execution id already used; Redis errors.
+    pub async fn complete_and_claim<C: ConnectionLike + Send>(
+        &self,
+        con: &mut C,
+        machine_id: &Uuid,
+        execution_id: &Uuid,
+        outputs_json: &str,
+        next_execution_id: &Uuid,
+        classes: &[String],
+    ) -> Result<CompleteAndClaim, DispatchError> {
+        if classes.is_empty() {
+            return Ok(CompleteAndClaim {
+                completed: self
+                    .complete(con, machine_id, execution_id, outputs_json)
+                    .await?,
+                next: ClaimOutcome::Empty,
+            });
+        }
+        let k = &self.keys;
+        let keys = [
+            k.epoch(),
+            k.config(),
+            k.leases(),
+            k.queued(),
+            k.events(),
+            self.heads_key(),
+            k.machine(machine_id),
+            k.machine_execs(machine_id),
+        ];
+        let mut args = self
+            .report_args(machine_id, execution_id)
+            .s(outputs_json)
+            .s(next_execution_id.to_string())
+            .n(MAX_PARKS_PER_CALL);
+        for c in classes {
+            check_class_id(c)?;
+            args = args.s(c);
+        }
+        let r = self
+            .run(con, &self.scripts.complete_claim, &keys, args)
+            .await?;
+        let completed = match r.tag()?.as_str() {
+            "ok" => Fenced::Accepted(()),
+            "stale" => Fenced::Stale,
+            "not_owner" => Fenced::NotOwner,
+            "restoring" => {
+                return Ok(CompleteAndClaim {
+                    completed: Fenced::Restoring,
+                    next: ClaimOutcome::Restoring,
+                });
+            }
+            other => return Err(r.unexpected(format!("tag {other}"))),
+        };
+        let next = match r.str(1)?.as_str() {
+            "claimed" => ClaimOutcome::Claimed(Box::new(claimed_at(&r, 1)?)),
+            // Heads of users at their limit were parked: go on with plain claims.
+            "again" => {
+                self.claim(con, machine_id, next_execution_id, classes)
+                    .await?
+            }
+            other => claim_tag(&r, other)?,
+        };
+        Ok(CompleteAndClaim { completed, next })
     }
 
     // ---------------------------------------------------------------- agent: machine
@@ -994,7 +1065,24 @@ impl Dispatch {
         classes: &[String],
         timeout: Duration,
     ) -> Result<Wake, DispatchError> {
-        super::wake::wait_for_work(&self.keys, con, classes, timeout).await
+        super::wake::wait_for_work(&self.keys, con, None, classes, timeout).await
+    }
+
+    /// [`Self::wait_for_work`] for machine `machine_id`, which also wakes
+    /// ([`Wake::ClassesChanged`]) when a job of a class nobody had seen is queued: the machine's
+    /// classes should be read again ([`Self::classes`]) at once rather than at the next
+    /// heartbeat. With no classes it waits for that alone.
+    ///
+    /// # Errors
+    /// `NoAnswer` when Redis does not answer within `timeout` plus a margin; Redis errors.
+    pub async fn wait_for_work_or_classes<C: ConnectionLike + Send>(
+        &self,
+        con: &mut C,
+        machine_id: &Uuid,
+        classes: &[String],
+        timeout: Duration,
+    ) -> Result<Wake, DispatchError> {
+        super::wake::wait_for_work(&self.keys, con, Some(machine_id), classes, timeout).await
     }
 }
 
@@ -1010,19 +1098,32 @@ fn machine_status(r: &Reply, i: usize) -> Result<MachineStatus, DispatchError> {
         .map_err(|_| r.unexpected(format!("machine status {s}")))
 }
 
-fn claimed(r: &Reply) -> Result<ClaimedJob, DispatchError> {
+/// A claim reply that is not `claimed` (nor `again`, which the caller handles).
+fn claim_tag(r: &Reply, tag: &str) -> Result<ClaimOutcome, DispatchError> {
+    Ok(match tag {
+        "empty" => ClaimOutcome::Empty,
+        "at_capacity" => ClaimOutcome::AtCapacity,
+        "draining" => ClaimOutcome::Draining,
+        "unknown_machine" => ClaimOutcome::UnknownMachine,
+        "restoring" => ClaimOutcome::Restoring,
+        other => return Err(r.unexpected(format!("tag {other}"))),
+    })
+}
+
+/// A `claimed` reply whose tag is item `at`.
+fn claimed_at(r: &Reply, at: usize) -> Result<ClaimedJob, DispatchError> {
     Ok(ClaimedJob {
-        job_id: r.uuid(1)?,
-        execution_id: r.uuid(2)?,
-        attempts: r.u32(3)?,
-        max_attempts: r.u32(4)?,
-        class_id: r.str(5)?,
-        priority: u8::try_from(r.u32(6)?).map_err(|_| r.unexpected("priority"))?,
-        timeout_ms: r.u64(7)?,
-        user_id: r.uuid(8)?,
-        started_ms: r.u64(9)?,
-        deadline_ms: r.u64(10)?,
-        payload: r.str(11)?,
+        job_id: r.uuid(at + 1)?,
+        execution_id: r.uuid(at + 2)?,
+        attempts: r.u32(at + 3)?,
+        max_attempts: r.u32(at + 4)?,
+        class_id: r.str(at + 5)?,
+        priority: u8::try_from(r.u32(at + 6)?).map_err(|_| r.unexpected("priority"))?,
+        timeout_ms: r.u64(at + 7)?,
+        user_id: r.uuid(at + 8)?,
+        started_ms: r.u64(at + 9)?,
+        deadline_ms: r.u64(at + 10)?,
+        payload: r.str(at + 11)?,
     })
 }
 

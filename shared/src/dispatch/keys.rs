@@ -124,6 +124,10 @@ impl Keys {
     pub fn user_running(&self, user_id: &Uuid) -> String {
         self.key(&format!("user:{user_id}:running"))
     }
+    /// List: a token when a job of a new class was queued, for the machine's idle claimer.
+    pub fn machine_wake(&self, machine_id: &Uuid) -> String {
+        self.key(&format!("machine:{machine_id}:wake"))
+    }
     /// Hash: one machine.
     pub fn machine(&self, machine_id: &Uuid) -> String {
         self.key(&format!("machine:{machine_id}"))
@@ -189,6 +193,7 @@ mod tests {
             k.user_running(&id),
             k.machine(&id),
             k.machine_execs(&id),
+            k.machine_wake(&id),
         ] {
             assert!(key.starts_with("{emp}:"), "{key}");
         }

@@ -25,18 +25,20 @@
 //! | `held:<user>` | zset | the user's QUEUED jobs parked while the user is at their limit (same scores) |
 //! | `user:<user>:running` | counter | the user's PROCESSING jobs (deleted at 0) |
 //! | `wake:<class>` | list | wake tokens for idle claimers (cut back to 32 when it reaches 64) |
-//! | `job:<id>` | hash | `user_id class priority seq score status attempts max_attempts timeout_ms cancel_requested payload submitted_ms` + while running `execution_id machine_id started_ms progress`, once finished `finished_ms error`; finished → TTL `finished_ttl_ms`, payload emptied (`""`) |
-//! | `exec:<eid>` | hash | `job machine user status started_ms deadline_ms [ended_ms]`; after it ends a tombstone with TTL `finished_ttl_ms`, so a late report is told apart (its own machine → stale, another → refused) |
+//! | `job:<id>` | hash | `user_id class priority seq score status attempts max_attempts timeout_ms cancel_requested payload submitted_ms` + while running `execution_id machine_id started_ms progress`, once finished `finished_ms error`; finished → TTL `finished_ttl_ms`, payload emptied (`""`); a completed job keeps its last `progress` (shown only while a job runs) |
+//! | `exec:<eid>` | hash | `job machine user status started_ms deadline_ms attempts [ended_ms]` (`attempts`: the job's, so `complete` need not read the job); after it ends a tombstone with TTL `finished_ttl_ms`, so a late report is told apart (its own machine → stale, another → refused) |
 //! | `leases` | zset | execution id → its next deadline: the lease's, or the hard deadline (`deadline_ms`, started + timeout) when that comes first. The reaper tells the two apart by `deadline_ms` (the `timeouts` key of earlier versions is no longer used) |
 //! | `machine-ids` | hash | external id → machine id |
 //! | `machine:<mid>` | hash | `status external_id provider region capabilities max_slots registered_ms last_heartbeat_ms gpu_stats [drain]`; OFFLINE/TERMINATED → TTL 7 days |
 //! | `machine:<mid>:execs` | set | the executions the machine runs |
+//! | `machine:<mid>:wake` | list | one token when a job of a class nobody had seen was queued (its idle claimer reads the classes at once); TTL 1 h |
 //! | `machines` | zset | machine id → last heartbeat (ms), machines not OFFLINE |
 //! | `events` | stream | every state change ([`events`]) |
 //!
 //! ## Scripts (`lua/*.lua`)
 //! Each is prefixed with `lua/common.lua`; those that end, requeue or fence executions also with
-//! `lua/lifecycle.lua` (the others leave it out: every helper is built again on each call).
+//! `lua/lifecycle.lua` (the others leave it out: every helper is built again on each call), and
+//! the two that claim (`claim`, `complete_claim`) with `lua/claim_next.lua`.
 //! Agent-facing scripts first check the epoch. Fenced reports are accepted only from the job's
 //! current execution *and* its machine. "report keys" below are
 //! `epoch config leases queued events heads`.
@@ -44,7 +46,7 @@
 //! | script | caller | KEYS | ARGV after the prefix | reply |
 //! |---|---|---|---|---|
 //! | `init_epoch` | control plane | `epoch` | epoch | created, epoch |
-//! | `enqueue` | control plane | `epoch config seq queued classes classes:ver events heads job:<id> q:<class> wake:<class>` | job, user, class, requirements, priority, max_attempts, timeout_ms, payload, check_queue_size | queued(seq, parked) / exists(status) / queue_full(n) |
+//! | `enqueue` | control plane | `epoch config seq queued classes classes:ver events heads machines job:<id> q:<class> wake:<class>` | job, user, class, requirements, priority, max_attempts, timeout_ms, payload, check_queue_size | queued(seq, parked) / exists(status) / queue_full(n) |
 //! | `cancel` | control plane | `epoch config queued events heads job:<id>` | job | cancelled / cancel_requested(machine, exec) / finished(status) / unknown |
 //! | `requeue_expired` | control plane (reaper) | report keys | limit, now ('' = TIME) | requeued, failed, timed_out, cancelled, cleaned |
 //! | `machine_admin` | control plane | `epoch machines events machine:<mid> machine:<mid>:execs` | machine, drain/undrain/offline/terminated | ok(status) / unknown_machine |
@@ -54,6 +56,7 @@
 //! | `claim` | agent | `epoch config leases queued events heads machine:<mid> machine:<mid>:execs` | machine, execution, max_parks, class ids… (at least one) | claimed(job…) / empty / again / at_capacity / draining / unknown_machine / restoring |
 //! | `progress` | agent | report keys | machine, execution, value, max, node | ok(cancel_requested) / stale / not_owner / restoring |
 //! | `complete` | agent | report keys | machine, execution, outputs | ok (also for a repeat of the same complete) / stale / not_owner / restoring |
+//! | `complete_claim` | agent | claim's | machine, execution, outputs, next execution, max_parks, class ids… | complete's tag followed by claim's reply / restoring |
 //! | `fail` | agent | report keys | machine, execution, error, retryable | ok(requeued/failed/cancelled, attempts) / … |
 //! | `cancelled` | agent | report keys | machine, execution | ok / not_requested / … |
 //! | `release` | agent | report keys | machine, execution | ok(requeued/cancelled) / … |
@@ -81,7 +84,14 @@
 //!   requeues expired ones (LOST) or fails them `attempts_exhausted`, and fails those past their
 //!   deadline with `timeout`.
 //! - **Wake-ups**: every script that makes a job claimable pushes a token onto its class's wake
-//!   list; idle claimers block on theirs ([`Dispatch::wait_for_work`]).
+//!   list; idle claimers block on theirs ([`Dispatch::wait_for_work`]). A job of a brand-new
+//!   class also puts a token on every live machine's `machine:<mid>:wake`, which claimers block
+//!   on too ([`Dispatch::wait_for_work_or_classes`]): they read the classes at once instead of at
+//!   their next heartbeat, so the first job of a new kind is not left waiting for one.
+//! - **Complete and claim in one call** ([`Dispatch::complete_and_claim`]): the agent reports a
+//!   completed job and claims its next one in the same script call. Every check of both is made
+//!   before anything is written (the next execution id's freshness included), the complete is
+//!   fenced exactly as `complete`, and a retry with the same two ids answers the same.
 //!
 //! ## Cost
 //! Most of a script's Redis CPU is Lua rather than the commands' own work (perf on Redis 7.0:
@@ -94,6 +104,22 @@
 //! Whatever enters Lua is hashed whole, so a job's payload costs time in proportion to its size
 //! twice: in enqueue's arguments and in the claim's reply. `emp-bench dispatch` measures
 //! commands per job (`INFO commandstats`) and Redis CPU (`INFO cpu`).
+//!
+//! The fixed cost of a script call (~25-30 µs of Redis CPU on a small box) outweighs a command
+//! inside it (~1-3 µs), so the per-job budget is counted in both. A job's steady-state path is
+//! one `enqueue` call and one `complete_claim` call (the agent completes a job and claims the
+//! next together); a claimer that was idle adds one `claim`. Commands per job inside scripts,
+//! one class, one-slot machines, nothing parked:
+//!
+//! | script | commands |
+//! |---|---|
+//! | `enqueue` | 13: GET epoch, HGET job, HMGET config, INCR seq, TIME, HSET job, INCR queued, HSETNX classes, GET user running, ZADD queue, ZADD LT heads, LPUSH wake, XADD (+ INCR classes:ver and 2-3 per live machine the first time a class is seen) |
+//! | `complete_claim` | 25: GET epoch, HMGET config, TIME, HMGET next exec (retry check); complete: HMGET exec (no job read: the execution holds the user and attempts), ZREM leases, HSET + PEXPIRE exec, SREM machine execs, DECR user running, ZPOPMIN held, HSET + PEXPIRE job, XADD; claim: HMGET machine, SCARD, ZPOPMIN queue, HMGET job, INCR user running, DECR queued, HSET job, HSET exec, ZADD leases, SADD, XADD. The machine's status does not change (BUSY stays BUSY) |
+//! | `claim` + `complete` (two calls) | 34: 17 each; the second call repeats GET epoch, HMGET config, TIME, the machine read and SCARD, and a one-slot machine's status is written twice (AVAILABLE → BUSY → AVAILABLE) with two `machine.status` events |
+//!
+//! (Before `complete_claim`, the same job cost 36 commands in two calls.) The target of
+//! 12 is not met: an execution has its own hash, lease entry and machine-set entry, each written
+//! when it starts and when it ends, and each end of it writes an event.
 //!
 //! ## Security note
 //! Redis 7 checks every command a script runs against the *calling* user's ACL, so an agent's
@@ -116,11 +142,11 @@ pub use error::{DispatchError, MalformedEvent};
 pub use events::{Event, EventData, EventStream, EventType};
 pub use keys::{Keys, check_class_id};
 pub use types::{
-    AgentState, CancelOutcome, CancelledResult, ClaimOutcome, ClaimedJob, DispatchConfig,
-    EnqueueOutcome, ExecutionStatus, FailResult, Fenced, Heartbeat, HeartbeatOutcome,
-    HeartbeatReply, JobState, JobStatus, MachineAction, MachineAdminOutcome, MachineState,
-    MachineStatus, NewJob, Progress, ProgressAck, QueueLimit, ReapReport, RegisterOutcome,
-    Registration, ReleaseResult, UnknownStatus,
+    AgentState, CancelOutcome, CancelledResult, ClaimOutcome, ClaimedJob, CompleteAndClaim,
+    DispatchConfig, EnqueueOutcome, ExecutionStatus, FailResult, Fenced, Heartbeat,
+    HeartbeatOutcome, HeartbeatReply, JobState, JobStatus, MachineAction, MachineAdminOutcome,
+    MachineState, MachineStatus, NewJob, Progress, ProgressAck, QueueLimit, ReapReport,
+    RegisterOutcome, Registration, ReleaseResult, UnknownStatus,
 };
 pub use wake::{Wake, waiter_connection};
 

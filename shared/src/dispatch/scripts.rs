@@ -17,8 +17,39 @@ pub(crate) struct Lua {
 /// Every script is `common.lua` followed by its own body: Redis Lua has no modules, and one
 /// chunk keeps the helpers' locals visible to the body. Scripts that end, requeue or fence
 /// executions also get `lifecycle.lua` in between (`lua!(name, lifecycle)`); the others leave it
-/// out, because every helper a chunk defines is built again on each call.
+/// out, because every helper a chunk defines is built again on each call. The claiming scripts
+/// (`claim`, `complete_claim`) also get `claim_next.lua`, the claim itself.
 macro_rules! lua {
+    ($name:literal, claim) => {
+        Lua {
+            name: $name,
+            script: redis::Script::new(concat!(
+                include_str!("lua/common.lua"),
+                "\n-- claim_next.lua\n",
+                include_str!("lua/claim_next.lua"),
+                "\n-- ",
+                $name,
+                ".lua\n",
+                include_str!(concat!("lua/", $name, ".lua"))
+            )),
+        }
+    };
+    ($name:literal, lifecycle, claim) => {
+        Lua {
+            name: $name,
+            script: redis::Script::new(concat!(
+                include_str!("lua/common.lua"),
+                "\n-- lifecycle.lua\n",
+                include_str!("lua/lifecycle.lua"),
+                "\n-- claim_next.lua\n",
+                include_str!("lua/claim_next.lua"),
+                "\n-- ",
+                $name,
+                ".lua\n",
+                include_str!(concat!("lua/", $name, ".lua"))
+            )),
+        }
+    };
     ($name:literal) => {
         Lua {
             name: $name,
@@ -61,6 +92,7 @@ pub(crate) struct Scripts {
     pub(crate) sweep_machines: Lua,
     pub(crate) progress: Lua,
     pub(crate) complete: Lua,
+    pub(crate) complete_claim: Lua,
     pub(crate) fail: Lua,
     pub(crate) cancelled: Lua,
     pub(crate) release: Lua,
@@ -73,7 +105,7 @@ impl Scripts {
             init_epoch: lua!("init_epoch"),
             enqueue: lua!("enqueue"),
             cancel: lua!("cancel", lifecycle),
-            claim: lua!("claim"),
+            claim: lua!("claim", claim),
             heartbeat: lua!("heartbeat"),
             register: lua!("register"),
             deregister: lua!("deregister", lifecycle),
@@ -81,6 +113,7 @@ impl Scripts {
             sweep_machines: lua!("sweep_machines"),
             progress: lua!("progress", lifecycle),
             complete: lua!("complete", lifecycle),
+            complete_claim: lua!("complete_claim", lifecycle, claim),
             fail: lua!("fail", lifecycle),
             cancelled: lua!("cancelled", lifecycle),
             release: lua!("release", lifecycle),
@@ -88,7 +121,7 @@ impl Scripts {
         }
     }
 
-    pub(crate) fn all(&self) -> [&Lua; 15] {
+    pub(crate) fn all(&self) -> [&Lua; 16] {
         [
             &self.init_epoch,
             &self.enqueue,
@@ -101,6 +134,7 @@ impl Scripts {
             &self.sweep_machines,
             &self.progress,
             &self.complete,
+            &self.complete_claim,
             &self.fail,
             &self.cancelled,
             &self.release,

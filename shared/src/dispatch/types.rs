@@ -123,6 +123,16 @@ pub enum ClaimOutcome {
     Restoring,
 }
 
+/// What [`super::Dispatch::complete_and_claim`] did: the complete's answer, then the claim's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompleteAndClaim {
+    /// The complete, as [`super::Dispatch::complete`] would answer it. `Restoring` means nothing
+    /// was done (and `next` is `Restoring` too).
+    pub completed: Fenced<()>,
+    /// The claim of the next job, as [`super::Dispatch::claim`] would answer it.
+    pub next: ClaimOutcome,
+}
+
 /// How the agent describes itself on a heartbeat; the machine's status follows from it, the
 /// drain flag and its slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,11 +2,17 @@
 //! unpark) pushes a token onto `{p}:wake:<class>` (capped at a few tokens); an idle claimer
 //! blocks on the wake keys of its classes with BLPOP, so an idle fleet costs one command per
 //! claimer every few seconds and a matching submit wakes one claimer within milliseconds.
+//! A job of a class nobody had seen also puts a token on every live machine's own
+//! `{p}:machine:<mid>:wake`, which its claimer blocks on too
+//! ([`super::Dispatch::wait_for_work_or_classes`]): it reads the classes again at once instead
+//! of at its next heartbeat.
 
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client};
+
+use uuid::Uuid;
 
 use super::error::DispatchError;
 use super::keys::{Keys, check_class_id};
@@ -16,6 +22,8 @@ use super::keys::{Keys, check_class_id};
 pub enum Wake {
     /// A token arrived for this class: claim now.
     Woken { class_id: String },
+    /// A job of a class nobody had seen was queued: read the classes again, then claim.
+    ClassesChanged,
     /// Nothing arrived within the timeout. Claim anyway now and then: tokens are hints and the
     /// cap may have dropped some.
     TimedOut,
@@ -42,19 +50,24 @@ pub async fn waiter_connection(client: &Client) -> redis::RedisResult<Multiplexe
 pub(crate) async fn wait_for_work<C: ConnectionLike + Send>(
     keys: &Keys,
     con: &mut C,
+    machine_id: Option<&Uuid>,
     classes: &[String],
     timeout: Duration,
 ) -> Result<Wake, DispatchError> {
     // BLPOP 0 would block forever; we always want a bound.
     let timeout = timeout.max(Duration::from_millis(10));
-    if classes.is_empty() {
+    if classes.is_empty() && machine_id.is_none() {
         tokio::time::sleep(timeout).await;
         return Ok(Wake::TimedOut);
     }
+    let machine_wake = machine_id.map(|m| keys.machine_wake(m));
     let mut cmd = redis::cmd("BLPOP");
     for c in classes {
         check_class_id(c)?;
         cmd.arg(keys.wake(c));
+    }
+    if let Some(k) = &machine_wake {
+        cmd.arg(k);
     }
     // Redis ≥ 6 takes a decimal timeout in seconds.
     cmd.arg(format!("{:.3}", timeout.as_secs_f64()));
@@ -66,6 +79,7 @@ pub(crate) async fn wait_for_work<C: ConnectionLike + Send>(
             waited_ms: waited.as_millis() as u64,
         })??;
     Ok(match reply {
+        Some((key, _)) if machine_wake.as_deref() == Some(key.as_str()) => Wake::ClassesChanged,
         Some((key, _)) => match keys.class_of(&key) {
             Some(class) => Wake::Woken {
                 class_id: class.to_owned(),

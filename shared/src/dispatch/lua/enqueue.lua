@@ -1,11 +1,12 @@
 -- enqueue: a new job into its class queue (control plane; also the reconciler's restore path).
 -- Idempotent on the job id: a job that exists in any state is left as it is.
--- KEYS: epoch, config, seq, queued, classes, classes:ver, events, heads, job:<id>, q:<class>,
---       wake:<class>
+-- KEYS: epoch, config, seq, queued, classes, classes:ver, events, heads, machines, job:<id>,
+--       q:<class>, wake:<class>
 -- ARGV: prefix, job_id, user_id, class, requirements_json, priority (0-100), max_attempts,
 --       timeout_ms, payload, check_queue_size (0|1)
 -- Reply: {'queued', seq, parked (0|1)} | {'exists', status} | {'queue_full', queued}
-K = bind_keys({ 'epoch', 'config', 'seq', 'queued', 'classes', 'classes:ver', 'events', 'heads' })
+K = bind_keys({ 'epoch', 'config', 'seq', 'queued', 'classes', 'classes:ver', 'events', 'heads',
+  'machines' })
 local id = uuid_arg(ARGV[2], 'job_id')
 local uid = uuid_arg(ARGV[3], 'user_id')
 local class = class_arg(ARGV[4], 'class')
@@ -16,9 +17,9 @@ int_arg(ARGV[8], 1, 30 * 86400 * 1000, 'timeout_ms')
 local payload = ARGV[9]
 if type(payload) ~= 'string' then argerr('payload', 'missing') end
 local check = int_arg(ARGV[10], 0, 1, 'check_queue_size') == 1
-local jk = want_key(9, 'job:' .. id)
-want_key(10, 'q:' .. class)
-want_key(11, 'wake:' .. class)
+local jk = want_key(10, 'job:' .. id)
+want_key(11, 'q:' .. class)
+want_key(12, 'wake:' .. class)
 
 load_epoch()
 local existing = redis.call('HGET', jk, 'status')
@@ -42,6 +43,17 @@ redis.call('HSET', jk, 'user_id', uid, 'class', class, 'priority', ARGV[6], 'seq
 redis.call('INCR', K.queued)
 if redis.call('HSETNX', K.classes, class, requirements) == 1 then
   redis.call('INCR', K['classes:ver'])
+  -- A class nobody has seen: every machine's idle claimer is told at once (a token on its own
+  -- machine:<mid>:wake list, which it blocks on with its classes' lists), so the first job of a
+  -- new kind does not wait for the next heartbeat. One token is enough (cut back to one); the
+  -- list goes after an hour with nobody to take it. Costs 2-3 commands per live machine, once
+  -- per class.
+  local mids = redis.call('ZRANGE', K.machines, 0, -1)
+  for i = 1, #mids do
+    local mw = key('machine:', mids[i], ':wake')
+    if redis.call('LPUSH', mw, '1') > 1 then redis.call('LTRIM', mw, 0, 0) end
+    redis.call('PEXPIRE', mw, '3600000')
+  end
 end
 -- A user already at their limit: straight to the held set, so claims never have to look at it.
 local parked = tonumber(redis.call('GET', key('user:', uid, ':running')) or '0')

@@ -43,14 +43,15 @@ end
 
 -- Ends an execution: its lease entry gone, tombstone kept for finished_ttl (so a late report
 -- can still be told apart: another machine's → refused, its own → stale), machine and user
--- slots freed.
-local function end_execution(eid, mid, uid, exec_status)
+-- slots freed. `machine_later`: the caller refreshes the machine's status itself (complete_claim,
+-- which claims the next job first).
+local function end_execution(eid, mid, uid, exec_status, machine_later)
   redis.call('ZREM', K.leases, eid)
   local ek = key('exec:', eid)
   redis.call('HSET', ek, 'status', exec_status, 'ended_ms', now_text())
   redis.call('PEXPIRE', ek, config().finished_ttl)
   redis.call('SREM', key('machine:', mid, ':execs'), eid)
-  machine_refresh(mid, nil, nil)
+  if not machine_later then machine_refresh(mid, nil, nil) end
   release_user(uid)
 end
 
@@ -98,10 +99,11 @@ local function job_fields(id)
   }
 end
 
--- An execution's fields: job, machine, status, user, deadline_ms.
+-- An execution's fields: job, machine, status, user, deadline_ms, attempts (the job's attempts
+-- when it was claimed; missing in executions claimed by older versions).
 local function exec_fields(eid)
   return redis.call('HMGET', key('exec:', eid), 'job', 'machine', 'status', 'user',
-    'deadline_ms')
+    'deadline_ms', 'attempts')
 end
 
 -- The fence. A report is accepted only from the job's current execution, and only from the
@@ -110,11 +112,16 @@ end
 -- writes no event (it must not get the real execution marked stale); a late report of the
 -- caller's own execution is recorded as execution.stale. `done_status`: the execution status
 -- this report leads to, when a repeat of it (the agent retrying after a lost reply) should just
--- be answered 'again'.
-local function fence(mid, eid, report, done_status)
+-- be answered 'again'. `light`: the caller needs only `user` and `attempts_text` (complete),
+-- which the execution holds: a RUNNING execution is always its job's current one (every script
+-- that moves a job on ends its execution first), so the job is not read.
+local function fence(mid, eid, report, done_status, light)
   local ex = exec_fields(eid)
   if ex[1] and ex[2] ~= mid then return nil, 'not_owner' end
   if ex[1] and done_status and ex[3] == done_status then return nil, 'again' end
+  if light and ex[3] == 'RUNNING' and ex[6] then
+    return ex[1], { user = ex[4], attempts_text = ex[6] }
+  end
   if ex[1] and ex[3] == 'RUNNING' then
     local j = job_fields(ex[1])
     if j.status == 'PROCESSING' and j.execution_id == eid then
