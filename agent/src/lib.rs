@@ -33,6 +33,7 @@ pub mod execute;
 pub mod fleet;
 pub mod health;
 pub mod logging;
+pub mod models;
 pub mod shutdown;
 
 /// The process exit codes of CONTRACT.md section 2, plus the sysexits ones we also use.

@@ -7,6 +7,7 @@ use emp_shared::dispatch::Dispatch;
 
 use crate::config::{Config, ConfigError, Environment};
 use crate::health;
+use crate::models::ModelSettings;
 
 /// `EMP_REDIS_PREFIX` when unset: the control plane's default key prefix.
 pub const DEFAULT_REDIS_PREFIX: &str = "emp";
@@ -95,6 +96,8 @@ pub struct FleetSettings {
     pub release_wait: Duration,
     /// How long the last reports and `deregister` may take at the very end.
     pub final_reports_wait: Duration,
+    /// Model downloads: the boot manifest, the on-demand cache, credentials.
+    pub models: ModelSettings,
 }
 
 impl Default for FleetSettings {
@@ -115,13 +118,14 @@ impl Default for FleetSettings {
             failures: FailurePolicy::default(),
             release_wait: Duration::from_secs(10),
             final_reports_wait: Duration::from_secs(10),
+            models: ModelSettings::default(),
         }
     }
 }
 
 impl FleetSettings {
-    /// Reads `EMP_REDIS_PREFIX`, `EMP_COMFYUI_WAIT_SECS`, `EMP_REDIS_CONNECT_ATTEMPTS` and the
-    /// GPU promise (`GPU_COUNT`, the provider) from `env`.
+    /// Reads `EMP_REDIS_PREFIX`, `EMP_COMFYUI_WAIT_SECS`, `EMP_REDIS_CONNECT_ATTEMPTS`, the
+    /// GPU promise (`GPU_COUNT`, the provider) and the model variables from `env`.
     ///
     /// # Errors
     /// A [`ConfigError`] naming the bad variable.
@@ -146,6 +150,7 @@ impl FleetSettings {
             settings.startup_retry.max_attempts = Some(attempts as usize);
         }
         settings.gpu_promise = health::gpu_promise(env, &config.provider);
+        settings.models = ModelSettings::from_env(env)?;
         Ok(settings)
     }
 }
