@@ -324,16 +324,33 @@ impl ModelCache {
                 .map_err(|e| ModelError::io("create", &folder_dir, &e))?;
             let mut name = file_name.to_owned();
             let path = folder_dir.join(&name);
-            if path.symlink_metadata().is_ok() && !is_link_to(&path, &target) {
+            if path.symlink_metadata().is_ok()
+                && !is_link_to(&path, &target)
+                && !is_stale_link(&path, cache_dir)
+            {
                 // Another file has this name: keep both, ours with the key in its name.
                 name = with_suffix(file_name, &key[..8]);
             }
             let path = folder_dir.join(&name);
             if !is_link_to(&path, &target) {
-                let _ = std::fs::remove_file(&path);
+                if path.symlink_metadata().is_ok() {
+                    // Only a stale link into the cache is replaced; anything else is not ours.
+                    if !is_stale_link(&path, cache_dir) {
+                        return Err(ModelError::Io {
+                            action: "link".to_owned(),
+                            path: path.display().to_string(),
+                            reason: "another file already has this name".to_owned(),
+                        });
+                    }
+                    std::fs::remove_file(&path)
+                        .map_err(|e| ModelError::io("replace", &path, &e))?;
+                }
                 make_link(&target, &path)?;
             }
-            entry.links.push(format!("{folder}/{name}"));
+            let link = format!("{folder}/{name}");
+            if !entry.links.contains(&link) {
+                entry.links.push(link);
+            }
             self.inner.changed.notify_one();
             name
         };
@@ -457,6 +474,12 @@ fn same_file(a: &Path, b: &Path) -> bool {
 #[cfg(not(unix))]
 fn same_file(_: &Path, _: &Path) -> bool {
     false
+}
+
+/// Whether `path` is a link into the cache whose file is gone (left by an eviction the
+/// agent did not finish): safe to replace.
+fn is_stale_link(path: &Path, cache_dir: &Path) -> bool {
+    std::fs::read_link(path).is_ok_and(|to| to.starts_with(cache_dir) && !to.exists())
 }
 
 /// A symlink to `target` at `path`, else a hard link.

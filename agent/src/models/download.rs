@@ -129,7 +129,12 @@ impl Downloader {
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(|e| ModelError::io("create", dir, &e))?;
+        // One part file per URL and name: two manifest entries for one URL never share one.
         let key = url_key(url);
+        let key = match file_name {
+            Some(name) => hex::encode(&Sha256::digest(format!("{key}/{name}").as_bytes())[..8]),
+            None => key,
+        };
         let part = dir.join(format!(".emp-{key}.part"));
         let meta_path = dir.join(format!(".emp-{key}.part.json"));
         let shown = shown_url(url);

@@ -114,12 +114,11 @@ impl ModelError {
 
 /// A URL as logs and errors show it: scheme, host, port and path; no user, password or query.
 pub fn shown_url(url: &Url) -> String {
-    let mut shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
-    if let Some(port) = url.port() {
-        shown.push_str(&format!(":{port}"));
+    let host = url.host_str().unwrap_or_default();
+    match url.port() {
+        Some(port) => format!("{}://{host}:{port}{}", url.scheme(), url.path()),
+        None => format!("{}://{host}{}", url.scheme(), url.path()),
     }
-    shown.push_str(url.path());
-    shown
 }
 
 #[cfg(test)]
