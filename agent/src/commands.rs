@@ -70,6 +70,15 @@ pub fn run(overrides: &ConfigOverrides) -> ExitCode {
             return ExitCode::from(exit_code::CONFIG);
         }
     };
+    // One model cache for the boot manifest and for model URLs in jobs.
+    let models = match crate::models::ModelCache::new(&settings.models) {
+        Ok(models) => models,
+        Err(error) => {
+            eprintln!("emp-agent: {error}");
+            return ExitCode::from(exit_code::CONFIG);
+        }
+    };
+    let inputs = inputs.with_models(Arc::new(models.clone()));
     let worker = match ComfyWorker::new(&config) {
         Ok(worker) => worker.with_inputs(inputs),
         Err(error) => {
@@ -100,7 +109,8 @@ pub fn run(overrides: &ConfigOverrides) -> ExitCode {
             version = crate::detect::AGENT_VERSION,
             "emp-agent starting"
         );
-        let agent = Agent::new(config, settings, Arc::new(NvmlProbe::new()), worker);
+        let agent = Agent::new(config, settings, Arc::new(NvmlProbe::new()), worker)
+            .with_model_cache(models);
         match agent.run(shutdown).await {
             Ok(()) => {
                 tracing::info!("emp-agent stopped");

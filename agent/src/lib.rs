@@ -37,6 +37,7 @@ pub mod fleet;
 pub mod health;
 pub mod inputs;
 pub mod logging;
+pub mod models;
 pub mod salad;
 pub mod shutdown;
 

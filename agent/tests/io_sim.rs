@@ -12,7 +12,7 @@ use emp_agent::execute::{
     ExecuteSettings, Execution, HttpOutputStore, JobError, Outcome, codes, execute_staged,
 };
 use emp_agent::inputs::models::Resolution;
-use emp_agent::inputs::{InputSettings, InputStage, ModelResolver};
+use emp_agent::inputs::{InputSettings, InputStage, ModelResolver, ResolvedModel};
 use serde_json::{Value, json};
 use support_execute::{
     PNG_MAGIC, RecordingSink, Sim, TOKEN, UploadServer, WAIT, basic_graph, closed_port, execution,
@@ -257,10 +257,15 @@ async fn an_unreachable_url_fails_input_unavailable_naming_the_node_and_input() 
 struct FixedModel;
 
 impl ModelResolver for FixedModel {
-    fn resolve<'a>(&'a self, _node: &'a str, _input: &'a str, url: &'a str) -> Resolution<'a> {
+    fn resolve<'a>(
+        &'a self,
+        _node_type: Option<&'a str>,
+        _input: &'a str,
+        url: &'a str,
+    ) -> Resolution<'a> {
         Box::pin(async move {
             if url.ends_with(".safetensors") {
-                Ok("sd15.safetensors".to_owned())
+                Ok(ResolvedModel::named("sd15.safetensors"))
             } else {
                 Err("not a model".to_owned())
             }

@@ -33,6 +33,10 @@ pub struct SimConfig {
     /// in `/object_info` and `/models/{folder}`, and a name not listed fails validation the way a
     /// missing file does on a real box.
     pub models: BTreeMap<String, Vec<String>>,
+    /// A directory laid out like ComfyUI's `models/`, scanned again on every request that lists
+    /// models (`/object_info`, `/models/{folder}`, validation), as ComfyUI rescans its folders:
+    /// files added while the simulator runs are offered at once. Its files join [`Self::models`].
+    pub models_dir: Option<PathBuf>,
     /// Extra node types in `/object_info` format (class name → entry). They validate like real
     /// nodes and run as no-ops that pass images through, so graphs using custom nodes can be
     /// accepted.
@@ -88,6 +92,7 @@ impl SimConfig {
         SimConfig {
             step_delay: Duration::ZERO,
             models: BTreeMap::new(),
+            models_dir: None,
             extra_node_types: BTreeMap::new(),
             output_dir: base.join("output"),
             input_dir: base.join("input"),
@@ -123,19 +128,26 @@ impl SimConfig {
     /// # Errors
     /// When `dir` cannot be read.
     pub fn scan_models_dir(&mut self, dir: &Path) -> Result<(), SimError> {
-        let entries =
-            std::fs::read_dir(dir).map_err(|e| SimError::io("read models directory", dir, e))?;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if !path.is_dir() {
-                continue;
-            }
-            let folder = entry.file_name().to_string_lossy().into_owned();
-            let mut files = Vec::new();
-            collect_model_files(&path, "", &mut files);
+        std::fs::read_dir(dir).map_err(|e| SimError::io("read models directory", dir, e))?;
+        for (folder, files) in scan_models(dir) {
             self.add_models(&folder, files);
         }
         Ok(())
+    }
+
+    /// The model files offered now: [`Self::models`] plus what [`Self::models_dir`] holds at
+    /// this moment.
+    pub fn current_models(&self) -> BTreeMap<String, Vec<String>> {
+        let mut models = self.models.clone();
+        if let Some(dir) = &self.models_dir {
+            for (folder, files) in scan_models(dir) {
+                let list = models.entry(folder).or_default();
+                list.extend(files);
+                list.sort();
+                list.dedup();
+            }
+        }
+        models
     }
 
     /// Adds extra node types from an `/object_info`-shaped JSON object.
@@ -186,6 +198,33 @@ impl SimConfig {
         }
         Ok(())
     }
+}
+
+/// Every model file under `dir/<folder>/` (recursively, `/`-separated relative names), by
+/// folder. Hidden folders (a download cache) are skipped, and ComfyUI's legacy folder names
+/// count as the new ones (`clip` → `text_encoders`, `unet` → `diffusion_models`).
+pub fn scan_models(dir: &Path) -> BTreeMap<String, Vec<String>> {
+    let mut models: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return models;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let folder = entry.file_name().to_string_lossy().into_owned();
+        if !path.is_dir() || folder.starts_with('.') {
+            continue;
+        }
+        let folder = match folder.as_str() {
+            "clip" => "text_encoders".to_owned(),
+            "unet" => "diffusion_models".to_owned(),
+            _ => folder,
+        };
+        let list = models.entry(folder).or_default();
+        collect_model_files(&path, "", list);
+        list.sort();
+        list.dedup();
+    }
+    models
 }
 
 fn collect_model_files(dir: &Path, prefix: &str, out: &mut Vec<String>) {

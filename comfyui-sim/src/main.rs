@@ -24,7 +24,8 @@ struct Args {
     /// Model files, as folder=file1,file2 (repeatable), e.g. checkpoints=sd_xl_base_1.0.safetensors.
     #[arg(long = "models", value_parser = parse_models_arg)]
     models: Vec<(String, Vec<String>)>,
-    /// A directory laid out like ComfyUI's models/ (checkpoints/, loras/, ...) to list models from.
+    /// A directory laid out like ComfyUI's models/ (checkpoints/, loras/, ...) to list models from,
+    /// rescanned on every request as ComfyUI does.
     #[arg(long, env = "EMP_SIM_MODELS_DIR")]
     models_dir: Option<PathBuf>,
     /// Root for output/, input/ and temp/ when those are not given.
@@ -79,7 +80,8 @@ impl Args {
             config.temp_dir = dir;
         }
         if let Some(dir) = &self.models_dir {
-            config.scan_models_dir(dir).context("--models-dir")?;
+            std::fs::read_dir(dir).with_context(|| format!("--models-dir {}", dir.display()))?;
+            config.models_dir = Some(dir.clone());
         }
         for (folder, files) in self.models {
             config = config.with_models(&folder, files);

@@ -56,8 +56,9 @@ fn input_images(dirs: &Dirs) -> Vec<String> {
 impl AppState {
     /// The node catalogue as it stands now (ComfyUI rescans its folders on every request).
     pub fn catalog(&self) -> Catalog {
+        let models = self.config.current_models();
         Catalog::build(&Sources {
-            models: &self.config.models,
+            models: &models,
             input_files: input_images(&self.dirs),
             extra: &self.config.extra_node_types,
         })

@@ -539,6 +539,27 @@ mod tests {
     }
 
     #[test]
+    fn model_urls_of_every_loader_are_left_to_the_box() {
+        // Hugging Face links end in a query; numbered and newer loader inputs count too.
+        let graph = json!({
+            "1": {"class_type": "UNETLoader", "inputs": {
+                "unet_name": "https://huggingface.co/o/r/resolve/main/flux1-dev.safetensors?download=true",
+                "weight_dtype": "default"}},
+            "2": {"class_type": "DualCLIPLoader", "inputs": {
+                "clip_name1": " https://hf.co/o/r/resolve/main/t5xxl_fp16.safetensors",
+                "clip_name2": "clip_l.safetensors", "type": "flux"}},
+            "3": {"class_type": "LoraLoaderModelOnly", "inputs": {
+                "lora_name": "https://civitai.com/api/download/models/12345", "model": ["1", 0]}}
+        });
+        let derived = derive_requirements(&graph);
+        assert_eq!(derived.models, set(&["clip_l.safetensors"]));
+        assert!(!is_model_input(
+            "unet_name",
+            "HTTPS://example.com/a.safetensors"
+        ));
+    }
+
+    #[test]
     fn derivation_skips_malformed_parts() {
         let graph = json!({
             "1": "x",

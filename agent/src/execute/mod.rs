@@ -306,10 +306,15 @@ impl<S: ProgressSink, O: OutputStore> Run<'_, S, O> {
             biased;
             () = cancel.cancelled() => return Outcome::Cancelled,
             prepared = self.prepare_inputs() => match prepared {
-                Ok(workflow) => workflow,
+                Ok(prepared) => prepared,
                 Err(outcome) => return outcome,
             },
         };
+        // Cached models stay held (not evicted) until this run ends.
+        let crate::inputs::Prepared {
+            workflow,
+            holds: _model_holds,
+        } = workflow;
         let graph = graph::with_execution_prefix(&workflow, self.exec.execution_id);
 
         // The socket first: events of a prompt submitted before it connects would be lost.
@@ -389,10 +394,13 @@ impl<S: ProgressSink, O: OutputStore> Run<'_, S, O> {
     }
 
     /// The workflow with its input files made local.
-    async fn prepare_inputs(&self) -> Result<Value, Outcome> {
+    async fn prepare_inputs(&self) -> Result<crate::inputs::Prepared, Outcome> {
         let workflow = &self.exec.payload.workflow;
         if crate::inputs::fetched_inputs(workflow).is_empty() {
-            return Ok(workflow.clone());
+            return Ok(crate::inputs::Prepared {
+                workflow: workflow.clone(),
+                holds: Vec::new(),
+            });
         }
         let fallback;
         let stage = if let Some(stage) = self.inputs {

@@ -1,10 +1,9 @@
 //! What stands between "ComfyUI answers" and AVAILABLE. The box heartbeats STARTING until
 //! every step is done, in this order:
 //!
-//! 1. ComfyUI is ready (`wait_for_comfyui` in the fleet loop, before these steps);
-//! 2. **models**: [`Worker::prepare_models`], the model cache's hook (nothing by default); a
-//!    failure is logged and the box goes on (its jobs then fail or wait for their models);
-//! 3. **warmup**: `EMP_WARMUP_WORKFLOW` runs once through the normal execution path, its
+//! 1. ComfyUI is ready and the boot manifest's models are on disk (`wait_for_comfyui` and
+//!    `prefetch` in the fleet loop, before these steps);
+//! 2. **warmup**: `EMP_WARMUP_WORKFLOW` runs once through the normal execution path, its
 //!    outputs read and dropped; its time is logged, published in the status and registered
 //!    as `warmup_seconds` in the capabilities.
 //!
@@ -30,15 +29,6 @@ pub async fn before_available<W: Worker>(
     worker: &W,
     stop: &CancellationToken,
 ) -> bool {
-    tracing::info!("preparing models");
-    let models = tokio::select! {
-        () = stop.cancelled() => return false,
-        models = worker.prepare_models() => models,
-    };
-    if let Err(reason) = models {
-        tracing::error!(%reason, "models could not be prepared; going on");
-    }
-
     if let Some(warmup) = &shared.settings.warmup {
         shared
             .notifier

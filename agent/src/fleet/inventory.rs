@@ -1,6 +1,7 @@
 //! Watching the local ComfyUI while the agent runs: every `inventory_interval` its inventory is
-//! read again. New or removed node types or models update the capabilities (the box registers
-//! again and recomputes its classes); a ComfyUI that stops answering makes the box unhealthy
+//! read again, and at once when the agent itself linked or removed a model
+//! ([`crate::models::ModelCache::changed`]). New or removed node types or models update the
+//! capabilities (the box registers again and recomputes its classes); a ComfyUI that stops answering makes the box unhealthy
 //! (it claims nothing) until it answers again.
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ pub async fn run<W: Worker>(shared: Arc<Shared>, worker: Arc<W>, stop: Cancellat
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(shared.settings.inventory_interval) => {}
+            () = shared.models.changed().notified() => {}
         }
         let report = tokio::select! {
             () = stop.cancelled() => return,

@@ -13,9 +13,12 @@
 //!    `EMP_HEARTBEAT_INTERVAL_SECS` carrying the running executions and live GPU readings, whose
 //!    reply brings cancel, abandon and drain orders and the class registry's version.
 //! 4. **Wait for ComfyUI** for up to `EMP_COMFYUI_WAIT_SECS`, heartbeating as STARTING; never
-//!    ready → deregister, exit 69. Then the other **steps before AVAILABLE** ([`boot`]): the
-//!    models hook and the warmup workflow (`EMP_WARMUP_WORKFLOW`). On SaladCloud the
-//!    instance's deletion cost follows the running jobs from here on ([`crate::salad`]).
+//!    ready → deregister, exit 69. Meanwhile the **boot model manifest** (`EMP_MODEL_MANIFEST`)
+//!    is downloaded ([`crate::models::prefetch_manifest`]), its progress in every heartbeat; a
+//!    file that cannot be had (a sha256 mismatch included) → deregister, exit 69. Then the
+//!    other **steps before AVAILABLE** ([`boot`]): the warmup workflow (`EMP_WARMUP_WORKFLOW`).
+//!    On SaladCloud the instance's deletion cost follows the running jobs from here on
+//!    ([`crate::salad`]).
 //! 5. **Claim** ([`claim`]): up to `EMP_MAX_CONCURRENT_JOBS` jobs at once from the classes the
 //!    box satisfies ([`classes`]), blocking on wake-ups when nothing waits; each job runs in its
 //!    own task ([`job`]) and its end is reported, retried until Redis accepts it or calls it
@@ -52,6 +55,7 @@ use crate::config::Config;
 use crate::detect::gpu::{self, GpuProbe, GpuReport};
 use crate::detect::{self, system};
 use crate::health;
+use crate::models::{ModelCache, ModelError, prefetch_manifest};
 use crate::shutdown::{Shutdown, SystemdNotifier};
 use classes::{ClassPenalties, Registry};
 use redis_link::{ConnectError, RedisLink};
@@ -74,6 +78,12 @@ pub enum AgentError {
     /// Registration failed for good at start (69).
     #[error("could not register with the fleet: {0}")]
     Register(String),
+    /// The model download client could not be set up (64).
+    #[error("model downloads cannot start: {0}")]
+    ModelCache(ModelError),
+    /// The boot model manifest could not be downloaded in full (69).
+    #[error("the model manifest could not be downloaded: {0}")]
+    Models(ModelError),
     /// ComfyUI never became ready (69).
     #[error("ComfyUI at {url} was not ready within {waited:?} (EMP_COMFYUI_WAIT_SECS)")]
     ComfyUiNotReady {
@@ -88,7 +98,9 @@ impl AgentError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Redis(ConnectError::BadUrl { .. }) => crate::exit_code::CONFIG,
+            Self::Redis(ConnectError::BadUrl { .. }) | Self::ModelCache(_) => {
+                crate::exit_code::CONFIG
+            }
             _ => crate::exit_code::UNAVAILABLE,
         }
     }
@@ -131,6 +143,8 @@ pub struct Agent<W: Worker> {
     heartbeats: Arc<AtomicU64>,
     /// systemd's notify socket.
     notifier: SystemdNotifier,
+    /// The model cache, when the caller shares it with the worker's input stage.
+    models: Option<ModelCache>,
 }
 
 impl<W: Worker> Agent<W> {
@@ -144,7 +158,15 @@ impl<W: Worker> Agent<W> {
             status: watch::Sender::new(FleetStatus::default()),
             heartbeats: Arc::new(AtomicU64::new(0)),
             notifier: SystemdNotifier::from_env(),
+            models: None,
         }
+    }
+
+    /// Uses `models` (shared with the worker's input stage) instead of a cache of its own.
+    #[must_use]
+    pub fn with_model_cache(mut self, models: ModelCache) -> Self {
+        self.models = Some(models);
+        self
     }
 
     /// A handle to watch the agent from outside.
@@ -170,8 +192,13 @@ impl<W: Worker> Agent<W> {
             status,
             heartbeats,
             notifier,
+            models,
         } = self;
         let stop = shutdown.begun().clone();
+        let models = match models {
+            Some(models) => models,
+            None => ModelCache::new(&settings.models).map_err(AgentError::ModelCache)?,
+        };
 
         // 1. What this box is, and whether it is fit.
         let gpu_report = probe_gpus(gpu.clone()).await;
@@ -212,6 +239,7 @@ impl<W: Worker> Agent<W> {
             register_again: false.into(),
             heartbeats,
             reports_deadline: CancellationToken::new(),
+            models,
         });
 
         // 3. Register, then keep the session alive in the background.
@@ -242,8 +270,28 @@ impl<W: Worker> Agent<W> {
             ));
         }
 
-        // 4. ComfyUI.
-        match wait_for_comfyui(&shared, &*worker, &stop).await {
+        // 4. ComfyUI, and the boot manifest's models meanwhile.
+        // A failed manifest ends the wait for ComfyUI too: the box leaves either way.
+        let comfyui_stop = stop.child_token();
+        let (comfyui, manifest) =
+            tokio::join!(wait_for_comfyui(&shared, &*worker, &comfyui_stop), async {
+                let result = prefetch(&shared, &stop).await;
+                if result.is_err() {
+                    comfyui_stop.cancel();
+                }
+                result
+            });
+        if let Err(error) = manifest {
+            finish(&shared, JoinSet::new(), &shutdown, session_stop, background).await;
+            return match error {
+                ModelError::Stopped => Ok(()),
+                error => {
+                    tracing::error!(%error, "the model manifest could not be downloaded; leaving the fleet");
+                    Err(AgentError::Models(error))
+                }
+            };
+        }
+        match comfyui {
             Some(true) => {}
             Some(false) => {
                 let waited = shared.settings.comfyui_wait;
@@ -263,7 +311,7 @@ impl<W: Worker> Agent<W> {
                 return Ok(());
             }
         }
-        // The other steps before AVAILABLE: models, warmup.
+        // The other steps before AVAILABLE: the warmup.
         if !boot::before_available(&shared, &*worker, &stop).await {
             finish(&shared, JoinSet::new(), &shutdown, session_stop, background).await;
             return Ok(());
@@ -305,6 +353,17 @@ async fn probe_gpus(probe: Arc<dyn GpuProbe>) -> GpuReport {
             gpus: Vec::new(),
             error: Some("the GPU probe failed unexpectedly".to_owned()),
         })
+}
+
+/// Downloads the boot manifest's models, if there is a manifest; the heartbeat is woken when
+/// it is done so the reported progress is current.
+async fn prefetch(shared: &Shared, stop: &CancellationToken) -> Result<(), ModelError> {
+    let Some((_, manifest)) = &shared.settings.models.manifest else {
+        return Ok(());
+    };
+    let result = prefetch_manifest(&shared.models, manifest, stop).await;
+    shared.session_wake.notify_one();
+    result.map(|_| ())
 }
 
 /// Waits for ComfyUI to answer, for up to `EMP_COMFYUI_WAIT_SECS`. `Some(true)` once ready,

@@ -344,7 +344,8 @@ async fn obey(shared: &Shared, reply: &HeartbeatReply) {
 }
 
 /// The live GPU readings for the heartbeat, with the box's health: `{"healthy", "gpus": [...],
-/// "gpu_error"?, "unhealthy_reason"?}`.
+/// "gpu_error"?, "unhealthy_reason"?, "models"?}`; `models` is the boot manifest's progress
+/// ([`crate::models::ManifestProgress`]) when there is a manifest.
 async fn gpu_stats_json(shared: &Shared) -> Value {
     let probe = shared.gpu.clone();
     let stats = tokio::time::timeout(
@@ -387,6 +388,9 @@ async fn gpu_stats_json(shared: &Shared) -> Value {
     }
     if let Some(reason) = health.reason() {
         value["unhealthy_reason"] = Value::String(reason);
+    }
+    if let Some(progress) = shared.models.manifest_progress() {
+        value["models"] = serde_json::to_value(progress).unwrap_or(Value::Null);
     }
     value
 }

@@ -24,6 +24,7 @@ pub struct Warmup {
     /// `EMP_WARMUP_TIMEOUT_SECS`: limit on the run.
     pub timeout: Duration,
 }
+use crate::models::ModelSettings;
 
 /// `EMP_REDIS_PREFIX` when unset: the control plane's default key prefix.
 pub const DEFAULT_REDIS_PREFIX: &str = "emp";
@@ -116,6 +117,8 @@ pub struct FleetSettings {
     pub warmup: Option<Warmup>,
     /// SaladCloud's deletion cost (provider `salad` or `EMP_SALAD_IMDS_URL`).
     pub deletion_cost: Option<DeletionCostSettings>,
+    /// Model downloads: the boot manifest, the on-demand cache, credentials.
+    pub models: ModelSettings,
 }
 
 impl Default for FleetSettings {
@@ -138,13 +141,14 @@ impl Default for FleetSettings {
             final_reports_wait: Duration::from_secs(10),
             warmup: None,
             deletion_cost: None,
+            models: ModelSettings::default(),
         }
     }
 }
 
 impl FleetSettings {
-    /// Reads `EMP_REDIS_PREFIX`, `EMP_COMFYUI_WAIT_SECS`, `EMP_REDIS_CONNECT_ATTEMPTS` and the
-    /// GPU promise (`GPU_COUNT`, the provider) from `env`.
+    /// Reads `EMP_REDIS_PREFIX`, `EMP_COMFYUI_WAIT_SECS`, `EMP_REDIS_CONNECT_ATTEMPTS`, the
+    /// GPU promise (`GPU_COUNT`, the provider) and the model variables from `env`.
     ///
     /// # Errors
     /// A [`ConfigError`] naming the bad variable.
@@ -171,6 +175,7 @@ impl FleetSettings {
         settings.gpu_promise = health::gpu_promise(env, &config.provider);
         settings.warmup = warmup(env)?;
         settings.deletion_cost = DeletionCostSettings::from_env(env, &config.provider)?;
+        settings.models = ModelSettings::from_env(env)?;
         Ok(settings)
     }
 }

@@ -16,6 +16,7 @@ use super::settings::FleetSettings;
 use crate::config::Config;
 use crate::detect::gpu::GpuProbe;
 use crate::health::Health;
+use crate::models::ModelCache;
 use crate::shutdown::SystemdNotifier;
 
 /// Where the agent is in its life.
@@ -163,6 +164,8 @@ pub struct Shared {
     pub heartbeats: Arc<AtomicU64>,
     /// Cancelled when even the last reports must end (the very end of a shutdown).
     pub reports_deadline: CancellationToken,
+    /// Model downloads: the boot manifest's progress and the on-demand cache.
+    pub models: ModelCache,
 }
 
 impl Shared {

@@ -38,12 +38,6 @@ pub trait Worker: Send + Sync + 'static {
         cancel: CancellationToken,
     ) -> impl Future<Output = Outcome> + Send;
 
-    /// Before the box becomes available: make the models it serves available (the model
-    /// cache's hook). `Err` is logged and the box goes on. The default does nothing.
-    fn prepare_models(&self) -> impl Future<Output = Result<(), String>> + Send {
-        async { Ok(()) }
-    }
-
     /// Runs the warmup workflow through the normal path, storing no output. The default runs
     /// it as a job.
     fn warmup(

@@ -25,7 +25,7 @@ use crate::comfy::{ComfyClient, ComfyError};
 use crate::config::{Config, ConfigError, Environment, Secret};
 use crate::execute::{JobError, codes};
 pub use download::{FetchError, Fetcher};
-pub use models::{ModelResolver, NoModelCache};
+pub use models::{ModelResolver, NoModelCache, ResolvedModel};
 
 /// `EMP_MAX_INPUT_BYTES` when unset: 2 GiB, as the control plane's asset limit.
 pub const DEFAULT_MAX_INPUT_BYTES: u64 = 2 << 30;
@@ -99,6 +99,14 @@ impl std::fmt::Debug for InputStage {
     }
 }
 
+/// A workflow ready for ComfyUI, and what must stay held while it runs (cached models).
+pub struct Prepared {
+    /// The workflow with its inputs rewritten to local names.
+    pub workflow: Value,
+    /// Dropped when the run ends.
+    pub holds: Vec<Box<dyn std::any::Any + Send + Sync>>,
+}
+
 impl InputStage {
     /// A stage fetching assets from `control_plane_url` with `token`, model URLs refused.
     ///
@@ -150,11 +158,15 @@ impl InputStage {
         workflow: &Value,
         execution_id: Uuid,
         comfy: &ComfyClient,
-    ) -> Result<Value, InputFailure> {
+    ) -> Result<Prepared, InputFailure> {
         let mut graph = workflow.clone();
+        let mut holds = Vec::new();
         let wanted = fetched_inputs(&graph);
         if wanted.is_empty() {
-            return Ok(graph);
+            return Ok(Prepared {
+                workflow: graph,
+                holds,
+            });
         }
         let subfolder = format!("emp/{execution_id}");
         // The same file named twice is fetched once.
@@ -172,8 +184,15 @@ impl InputStage {
                 InputFailure { error, retryable }
             };
             let value = if models::is_model_input_name(&input) {
-                match self.models.resolve(&node_id, &input, &source).await {
-                    Ok(value) => value,
+                match self
+                    .models
+                    .resolve(node_type.as_deref(), &input, &source)
+                    .await
+                {
+                    Ok(model) => {
+                        holds.extend(model.hold);
+                        model.value
+                    }
                     Err(why) => {
                         return Err(fail(
                             codes::MODEL_UNAVAILABLE,
@@ -200,7 +219,10 @@ impl InputStage {
                 *slot = Value::String(value);
             }
         }
-        Ok(graph)
+        Ok(Prepared {
+            workflow: graph,
+            holds,
+        })
     }
 
     /// Downloads `source` and uploads it to ComfyUI; the value for the input.

@@ -2,20 +2,52 @@
 //! handed to a [`ModelResolver`], which the box's model cache implements. Without one, such a
 //! job fails `model_unavailable`.
 
+use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
 
-/// What [`ModelResolver::resolve`] returns: the value to put in the workflow (the model's file
-/// name as ComfyUI lists it), or why the model cannot be had.
-pub type Resolution<'a> = Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'a>>;
+/// A model made available for one run.
+pub struct ResolvedModel {
+    /// The value to put in the workflow: the model's file name as ComfyUI lists it.
+    pub value: String,
+    /// Whatever keeps the file in place (from cache eviction) until the run ends; dropped
+    /// with the run.
+    pub hold: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl ResolvedModel {
+    /// A model with nothing to hold.
+    pub fn named(value: impl Into<String>) -> Self {
+        Self {
+            value: value.into(),
+            hold: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ResolvedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResolvedModel")
+            .field("value", &self.value)
+            .field("held", &self.hold.is_some())
+            .finish()
+    }
+}
+
+/// What [`ModelResolver::resolve`] returns: the model for the run, or why it cannot be had.
+pub type Resolution<'a> = Pin<Box<dyn Future<Output = Result<ResolvedModel, String>> + Send + 'a>>;
 
 /// Makes a model named by URL available to ComfyUI.
 pub trait ModelResolver: Send + Sync {
-    /// Fetches (or finds in the cache) the model `url` given as input `input_name` of node
-    /// `node_id`; answers the value ComfyUI's loader takes (e.g. `cache/ab12….safetensors`),
-    /// or the reason it cannot.
-    fn resolve<'a>(&'a self, node_id: &'a str, input_name: &'a str, url: &'a str)
-    -> Resolution<'a>;
+    /// Fetches (or finds in the cache) the model `url` given as input `input_name` of a node
+    /// of type `node_type`; answers the value ComfyUI's loader takes, held for the run, or the
+    /// reason it cannot.
+    fn resolve<'a>(
+        &'a self,
+        node_type: Option<&'a str>,
+        input_name: &'a str,
+        url: &'a str,
+    ) -> Resolution<'a>;
 }
 
 /// The resolver of a box without a model cache: refuses every model URL.
@@ -25,7 +57,7 @@ pub struct NoModelCache;
 impl ModelResolver for NoModelCache {
     fn resolve<'a>(
         &'a self,
-        _node_id: &'a str,
+        _node_type: Option<&'a str>,
         _input_name: &'a str,
         _url: &'a str,
     ) -> Resolution<'a> {
@@ -59,7 +91,11 @@ mod tests {
     #[tokio::test]
     async fn without_a_cache_model_urls_are_refused() {
         let refused = NoModelCache
-            .resolve("4", "ckpt_name", "https://x/m.safetensors")
+            .resolve(
+                Some("CheckpointLoaderSimple"),
+                "ckpt_name",
+                "https://x/m.safetensors",
+            )
             .await
             .unwrap_err();
         assert!(refused.contains("model cache"), "{refused}");

@@ -114,7 +114,7 @@ pub async fn object_info_one(
 
 pub async fn model_folders(State(state): State<Arc<AppState>>) -> Json<Value> {
     let mut folders: Vec<String> = KNOWN_FOLDERS.iter().map(|f| (*f).to_string()).collect();
-    for folder in state.config.models.keys() {
+    for folder in state.config.current_models().keys() {
         if !folders.contains(folder) {
             folders.push(folder.clone());
         }
@@ -127,7 +127,7 @@ pub async fn model_files(
     Path(folder): Path<String>,
 ) -> Response {
     let folder = canonical_folder(&folder);
-    match state.config.models.get(folder) {
+    match state.config.current_models().get(folder) {
         Some(files) => Json(json!(files)).into_response(),
         None if KNOWN_FOLDERS.contains(&folder) => Json(json!([])).into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
@@ -138,7 +138,7 @@ pub async fn model_files(
 pub async fn embeddings(State(state): State<Arc<AppState>>) -> Json<Value> {
     let names: Vec<String> = state
         .config
-        .models
+        .current_models()
         .get("embeddings")
         .into_iter()
         .flatten()
