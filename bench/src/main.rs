@@ -8,6 +8,7 @@
 //! src/main.rs          the command line (this file): parses, then calls the subcommand's run
 //! src/pg.rs            the benchmark database: parse its URL, (re)create it, connect
 //! src/latency.rs       latency histograms (hdrhistogram, µs) and their p50 / p99
+//! src/chaos/           `emp-bench chaos`: faults under load, then an exactly-once check
 //! src/queries/         `emp-bench queries`: repository query latency on a filled database
 //!   mod.rs             arguments, the run (fill or reuse, measure, explain) and the report
 //!   fill.rs + fill.sql the data, generated set-based inside PostgreSQL
@@ -32,6 +33,7 @@
 
 mod agent;
 mod api;
+mod chaos;
 mod dispatch;
 mod latency;
 mod pg;
@@ -57,6 +59,9 @@ enum Command {
     Api(api::Args),
     /// The agent's own cost: overhead per job on a zero-delay ComfyUI, idle RSS and CPU.
     Agent(agent::Args),
+    /// Faults (agent SIGKILL, Redis flush, PostgreSQL down, control plane crash) under load,
+    /// then a check that every job ended exactly once, COMPLETED, in PostgreSQL.
+    Chaos(chaos::Args),
 }
 
 // One thread: the measured time is the query and the driver, not the scheduler's hand-offs.
@@ -68,5 +73,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Dispatch(args) => dispatch::run(&args).await,
         Command::Api(args) => api::run(&args).await,
         Command::Agent(args) => agent::run(&args).await,
+        Command::Chaos(args) => chaos::run(&args).await,
     }
 }

@@ -43,6 +43,11 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `EMP_SHUTDOWN_GRACE_SECS`: how long in-flight requests may take to finish on SIGTERM.
     pub shutdown_grace: Duration,
+    /// `EMP_LEASE_MS`: how long a claim or heartbeat keeps an execution alive (default 60 s,
+    /// three agent heartbeats); written into Redis when the reconciler restores it.
+    pub lease: Duration,
+    /// `EMP_RECONCILE_INTERVAL_MS`: how often the reconciler runs (default 60 s).
+    pub reconcile_interval: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -61,6 +66,8 @@ impl std::fmt::Debug for Config {
             .field("auto_migrate", &self.auto_migrate)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("lease", &self.lease)
+            .field("reconcile_interval", &self.reconcile_interval)
             .finish()
     }
 }
@@ -149,6 +156,18 @@ impl Config {
                 "EMP_SHUTDOWN_GRACE_SECS",
                 25,
                 0..=3600,
+            )?),
+            lease: Duration::from_millis(parse_number(
+                &get,
+                "EMP_LEASE_MS",
+                60_000,
+                1000..=86_400_000,
+            )?),
+            reconcile_interval: Duration::from_millis(parse_number(
+                &get,
+                "EMP_RECONCILE_INTERVAL_MS",
+                60_000,
+                100..=86_400_000,
             )?),
         })
     }
@@ -284,6 +303,28 @@ mod tests {
         assert!(config.auto_migrate);
         assert_eq!(config.redis_url, DEFAULT_REDIS_URL);
         assert_eq!(config.redis_prefix, "emp");
+    }
+
+    #[test]
+    fn lease_and_reconcile_interval_default_to_a_minute_and_can_be_shortened() {
+        let defaults = config(&[]).unwrap();
+        assert_eq!(defaults.lease, Duration::from_secs(60));
+        assert_eq!(defaults.reconcile_interval, Duration::from_secs(60));
+        let short = config(&[
+            ("EMP_LEASE_MS", "4000"),
+            ("EMP_RECONCILE_INTERVAL_MS", "2000"),
+        ])
+        .unwrap();
+        assert_eq!(short.lease, Duration::from_secs(4));
+        assert_eq!(short.reconcile_interval, Duration::from_secs(2));
+        for (variable, value) in [
+            ("EMP_LEASE_MS", "999"),
+            ("EMP_LEASE_MS", "soon"),
+            ("EMP_RECONCILE_INTERVAL_MS", "0"),
+        ] {
+            let err = config(&[(variable, value)]).unwrap_err();
+            assert_eq!(err.variable, variable, "{value}");
+        }
     }
 
     #[test]
