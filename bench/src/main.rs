@@ -8,6 +8,7 @@
 //! src/main.rs          the command line (this file): parses, then calls the subcommand's run
 //! src/pg.rs            the benchmark database: parse its URL, (re)create it, connect
 //! src/latency.rs       latency histograms (hdrhistogram, µs) and their p50 / p99
+//! src/fleet/           `emp-bench fleet`: machines, executors and submitters at scale
 //! src/chaos/           `emp-bench chaos`: faults under load, then an exactly-once check
 //! src/queries/         `emp-bench queries`: repository query latency on a filled database
 //!   mod.rs             arguments, the run (fill or reuse, measure, explain) and the report
@@ -35,6 +36,7 @@ mod agent;
 mod api;
 mod chaos;
 mod dispatch;
+mod fleet;
 mod latency;
 mod pg;
 mod queries;
@@ -62,6 +64,9 @@ enum Command {
     /// Faults (agent SIGKILL, Redis flush, PostgreSQL down, control plane crash) under load,
     /// then a check that every job ended exactly once, COMPLETED, in PostgreSQL.
     Chaos(chaos::Args),
+    /// The whole system at fleet scale: simulated machines heartbeating, executors, REST
+    /// submitters; API and claim latency, throughput, persister lag, CPU, memory, row counts.
+    Fleet(fleet::Args),
 }
 
 // One thread: the measured time is the query and the driver, not the scheduler's hand-offs.
@@ -74,5 +79,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Api(args) => api::run(&args).await,
         Command::Agent(args) => agent::run(&args).await,
         Command::Chaos(args) => chaos::run(&args).await,
+        Command::Fleet(args) => fleet::run(&args).await,
     }
 }

@@ -25,7 +25,7 @@
 //! ```
 
 mod check;
-mod procs;
+pub(crate) mod procs;
 mod submit;
 
 use std::fmt::Write as _;

@@ -111,6 +111,11 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     async fn launch(&mut self) -> anyhow::Result<()> {
         let (out, err) = log_file(&self.log)?;
         let proc = Proc::spawn(
