@@ -8,6 +8,7 @@
 //! src/main.rs          the command line (this file): parses, then calls the subcommand's run
 //! src/pg.rs            the benchmark database: parse its URL, (re)create it, connect
 //! src/latency.rs       latency histograms (hdrhistogram, µs) and their p50 / p99
+//! src/versus/          `emp-bench versus-bullmq`: BullMQ (bullmq/) and emp side by side
 //! src/fleet/           `emp-bench fleet`: machines, executors and submitters at scale
 //! src/chaos/           `emp-bench chaos`: faults under load, then an exactly-once check
 //! src/queries/         `emp-bench queries`: repository query latency on a filled database
@@ -40,6 +41,7 @@ mod fleet;
 mod latency;
 mod pg;
 mod queries;
+mod versus;
 
 use clap::{Parser, Subcommand};
 
@@ -67,6 +69,9 @@ enum Command {
     /// The whole system at fleet scale: simulated machines heartbeating, executors, REST
     /// submitters; API and claim latency, throughput, persister lag, CPU, memory, row counts.
     Fleet(fleet::Args),
+    /// BullMQ and emp on the same Redis, same jobs, same concurrencies: jobs/s and submit →
+    /// start latency side by side (emp with PostgreSQL persistence off and on).
+    VersusBullmq(versus::Args),
 }
 
 // One thread: the measured time is the query and the driver, not the scheduler's hand-offs.
@@ -80,5 +85,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Agent(args) => agent::run(&args).await,
         Command::Chaos(args) => chaos::run(&args).await,
         Command::Fleet(args) => fleet::run(&args).await,
+        Command::VersusBullmq(args) => versus::run(&args).await,
     }
 }

@@ -18,7 +18,7 @@
 //! ```
 
 mod load;
-mod machines;
+pub(crate) mod machines;
 mod observe;
 
 use std::path::PathBuf;
