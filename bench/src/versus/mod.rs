@@ -62,6 +62,61 @@ struct Figures {
     p99_ms: f64,
 }
 
+/// Where Redis spent its time during one run (`INFO cpu` and `INFO commandstats`).
+#[derive(Debug, Clone, Default)]
+struct RedisCost {
+    cpu_ms_per_job: f64,
+    commands_per_job: f64,
+    /// The commands that took the most time: (name, µs per job).
+    top: Vec<(String, f64)>,
+}
+
+impl RedisCost {
+    fn of(delta: &bench::StatsDelta, jobs: usize) -> Self {
+        let n = jobs.max(1) as f64;
+        let mut top: Vec<(String, f64)> = delta
+            .usec
+            .iter()
+            .map(|(k, v)| (k.clone(), *v as f64 / n))
+            .collect();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1));
+        top.truncate(4);
+        Self {
+            cpu_ms_per_job: delta.cpu_seconds * 1000.0 / n,
+            commands_per_job: delta.calls.values().sum::<u64>() as f64 / n,
+            top,
+        }
+    }
+
+    fn line(&self) -> String {
+        let top = self
+            .top
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.0} µs"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "{:.3} ms CPU, {:.1} commands; {top}",
+            self.cpu_ms_per_job, self.commands_per_job
+        )
+    }
+}
+
+/// Runs `run` and measures Redis around it.
+async fn costed<F>(
+    con: &mut redis::aio::ConnectionManager,
+    jobs: usize,
+    run: F,
+) -> anyhow::Result<(Figures, RedisCost)>
+where
+    F: std::future::Future<Output = anyhow::Result<Figures>>,
+{
+    let before = bench::server_stats(con).await?;
+    let figures = run.await?;
+    let after = bench::server_stats(con).await?;
+    Ok((figures, RedisCost::of(&before.until(&after), jobs)))
+}
+
 /// Runs every side at every concurrency and prints the table.
 ///
 /// # Errors
@@ -145,20 +200,42 @@ async fn all_runs(
         control_plane = Some((env, key, proc));
     }
 
+    let mut stats_con =
+        bench::connection_manager(&redis::Client::open(redis.url())?, Duration::from_secs(10))
+            .await?;
     let mut rows = Vec::new();
+    let mut costs = Vec::new();
     for &c in &args.concurrency {
         eprintln!("versus-bullmq: concurrency {c}: BullMQ…");
-        let bull = bullmq(bullmq_dir, &redis.url(), args.jobs, c).await?;
+        let (bull, bull_cost) = costed(
+            &mut stats_con,
+            args.jobs,
+            bullmq(bullmq_dir, &redis.url(), args.jobs, c),
+        )
+        .await?;
         eprintln!("versus-bullmq: concurrency {c}: emp, persistence off…");
-        let off = emp(&redis.url(), args.jobs, c, None, &http).await?;
+        let (off, off_cost) = costed(
+            &mut stats_con,
+            args.jobs,
+            emp(&redis.url(), args.jobs, c, None, &http),
+        )
+        .await?;
         let on = match &control_plane {
             Some((env, key, _)) => {
                 eprintln!("versus-bullmq: concurrency {c}: emp, persistence on…");
-                Some(emp(&redis.url(), args.jobs, c, Some((env, key.as_str())), &http).await?)
+                Some(
+                    costed(
+                        &mut stats_con,
+                        args.jobs,
+                        emp(&redis.url(), args.jobs, c, Some((env, key.as_str())), &http),
+                    )
+                    .await?,
+                )
             }
             None => None,
         };
-        rows.push((c, bull, off, on));
+        costs.push((c, bull_cost, off_cost, on.as_ref().map(|o| o.1.clone())));
+        rows.push((c, bull, off, on.map(|o| o.0)));
     }
     if let Some((_, _, mut proc)) = control_plane {
         proc.terminate(Duration::from_secs(5)).await;
@@ -197,6 +274,18 @@ async fn all_runs(
             off.p50_ms,
             off.p99_ms,
         );
+    }
+    println!();
+    println!("Redis per job (INFO cpu, INFO commandstats; the commands that took the most time):");
+    println!();
+    println!("| C | side | Redis per job |");
+    println!("|---|---|---|");
+    for (c, bull, off, on) in &costs {
+        println!("| {c} | BullMQ | {} |", bull.line());
+        println!("| {c} | emp, persist off | {} |", off.line());
+        if let Some(on) = on {
+            println!("| {c} | emp, persist on | {} |", on.line());
+        }
     }
     println!();
     println!(
