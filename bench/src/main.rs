@@ -1,8 +1,7 @@
 //! # emp-bench
 //!
-//! emp's benchmarks, one subcommand each. Only `queries` exists so far; `dispatch`, `api`,
-//! `agent` and `fleet` are to come as siblings (a variant of [`Command`] and a module beside
-//! [`queries`]).
+//! emp's benchmarks and its fault scenario, one subcommand each (a variant of [`Command`] and a
+//! module of its own). How to run `chaos`, `fleet` and `versus-bullmq`: `bench/README.md`.
 //!
 //! ```text
 //! src/main.rs          the command line (this file): parses, then calls the subcommand's run
