@@ -221,7 +221,8 @@ impl PrivatePostgres {
     pub async fn resume(&mut self) -> anyhow::Result<()> {
         let data = self.dir.join("data");
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200 \
+             -c shared_preload_libraries=pg_stat_statements",
             self.port,
             self.dir.display()
         );

@@ -326,6 +326,21 @@ fn submitted_at(payload: &str) -> Option<u64> {
         .and_then(serde_json::Value::as_u64)
 }
 
+/// Waits (up to 60 s) until the control plane has opened the epoch: registrations and claims
+/// before that answer "restoring".
+pub async fn wait_for_epoch(
+    dispatch: &Dispatch,
+    con: &mut ConnectionManager,
+) -> anyhow::Result<()> {
+    for _ in 0..600 {
+        if dispatch.epoch(con).await?.is_some() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the control plane did not open the Redis epoch within 60 s")
+}
+
 /// Registers machines `0..n` with `parallel` requests in flight; returns their ids in order.
 pub async fn register_all(
     dispatch: &Arc<Dispatch>,
@@ -333,6 +348,7 @@ pub async fn register_all(
     n: usize,
     parallel: usize,
 ) -> anyhow::Result<Vec<Uuid>> {
+    wait_for_epoch(dispatch, &mut con.clone()).await?;
     let mut ids = vec![Uuid::nil(); n];
     let mut tasks = tokio::task::JoinSet::new();
     for start in (0..n).step_by(n.div_ceil(parallel.max(1)).max(1)) {

@@ -141,6 +141,9 @@ async fn measure(
         .max_connections(2)
         .connect(&pg.url())
         .await?;
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(&db)
+        .await?;
     // One submitting user: lift the per-user and queue limits so they measure nothing here.
     sqlx::query(
         "UPDATE system_config SET value = '1000000'
@@ -166,6 +169,7 @@ async fn measure(
     eprintln!("fleet: registered in {:.1} s", t.elapsed().as_secs_f64());
 
     let stop = CancellationToken::new();
+    let stop_beats = CancellationToken::new();
     let stop_executors = CancellationToken::new();
     let counters = Arc::new(Counters::default());
     let classes: ClassCache = Arc::new(RwLock::new((0, std::collections::HashMap::new())));
@@ -188,7 +192,7 @@ async fn measure(
             con,
             chunk.to_vec(),
             heartbeat,
-            stop.clone(),
+            stop_beats.clone(),
             counters.clone(),
         ));
     }
@@ -247,6 +251,10 @@ async fn measure(
         observe::cpu_ticks(cp_pid),
     );
     let completed_before = counters.completed.load(Ordering::Relaxed);
+    let redis_before = bench::server_stats(&mut con.clone()).await?;
+    sqlx::query("SELECT pg_stat_statements_reset()")
+        .execute(&db)
+        .await?;
     let stop_load = CancellationToken::new();
     let load = tokio::spawn(load::run(
         http.clone(),
@@ -261,6 +269,8 @@ async fn measure(
     stop_load.cancel();
     let load = load.await?;
     let window = started.elapsed();
+    let redis_window = redis_before.until(&bench::server_stats(&mut con.clone()).await?);
+    let statements = top_statements(&db).await.unwrap_or_default();
     let completed = counters.completed.load(Ordering::Relaxed) - completed_before;
     let pg_pids_now = observe::with_children(postmaster);
     let cpu_after = (
@@ -289,6 +299,8 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     stop_executors.cancel();
+    // Heartbeats stop too, so that the events stream grows only by what the queued jobs add.
+    stop_beats.cancel();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Redis memory per queued job: with no executor left, queue `memory_jobs` jobs.
@@ -459,6 +471,30 @@ async fn measure(
         verdict(problems.is_empty())
     );
     println!();
+    let mut by_time: Vec<(&String, &u64)> = redis_window.usec.iter().collect();
+    by_time.sort_by(|a, b| b.1.cmp(a.1));
+    println!(
+        "Redis during the window (INFO commandstats, µs per completed job): {}",
+        by_time
+            .iter()
+            .take(6)
+            .map(|(k, v)| format!(
+                "{k} {:.0} ({} calls)",
+                **v as f64 / completed.max(1) as f64,
+                redis_window.calls.get(*k).copied().unwrap_or(0)
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!();
+    println!("PostgreSQL during the window (pg_stat_statements, by total time):");
+    println!();
+    println!("| calls | total ms | mean ms | statement |");
+    println!("|---|---|---|---|");
+    for (calls, total, mean, text) in &statements {
+        println!("| {calls} | {total:.0} | {mean:.2} | `{text}` |");
+    }
+    println!();
     for problem in &problems {
         println!("MISMATCH: {problem}");
     }
@@ -475,6 +511,19 @@ async fn measure(
         "PostgreSQL does not match what was submitted"
     );
     Ok(())
+}
+
+/// The six statements that took the most time since the last reset: calls, total ms, mean ms
+/// and the first 90 characters of the text.
+async fn top_statements(db: &sqlx::PgPool) -> anyhow::Result<Vec<(i64, f64, f64, String)>> {
+    let rows: Vec<(i64, f64, f64, String)> = sqlx::query_as(
+        "SELECT calls, total_exec_time, mean_exec_time,
+                left(regexp_replace(query, '\\s+', ' ', 'g'), 90)
+           FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 6",
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows)
 }
 
 /// PostgreSQL's counts at the end.
