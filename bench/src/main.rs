@@ -1,13 +1,15 @@
 //! # emp-bench
 //!
-//! emp's benchmarks, one subcommand each. Only `queries` exists so far; `dispatch`, `api`,
-//! `agent` and `fleet` are to come as siblings (a variant of [`Command`] and a module beside
-//! [`queries`]).
+//! emp's benchmarks and its fault scenario, one subcommand each (a variant of [`Command`] and a
+//! module of its own). How to run `chaos`, `fleet` and `versus-bullmq`: `bench/README.md`.
 //!
 //! ```text
 //! src/main.rs          the command line (this file): parses, then calls the subcommand's run
 //! src/pg.rs            the benchmark database: parse its URL, (re)create it, connect
 //! src/latency.rs       latency histograms (hdrhistogram, µs) and their p50 / p99
+//! src/versus/          `emp-bench versus-bullmq`: BullMQ (bullmq/) and emp side by side
+//! src/fleet/           `emp-bench fleet`: machines, executors and submitters at scale
+//! src/chaos/           `emp-bench chaos`: faults under load, then an exactly-once check
 //! src/queries/         `emp-bench queries`: repository query latency on a filled database
 //!   mod.rs             arguments, the run (fill or reuse, measure, explain) and the report
 //!   fill.rs + fill.sql the data, generated set-based inside PostgreSQL
@@ -32,10 +34,13 @@
 
 mod agent;
 mod api;
+mod chaos;
 mod dispatch;
+mod fleet;
 mod latency;
 mod pg;
 mod queries;
+mod versus;
 
 use clap::{Parser, Subcommand};
 
@@ -57,6 +62,15 @@ enum Command {
     Api(api::Args),
     /// The agent's own cost: overhead per job on a zero-delay ComfyUI, idle RSS and CPU.
     Agent(agent::Args),
+    /// Faults (agent SIGKILL, Redis flush, PostgreSQL down, control plane crash) under load,
+    /// then a check that every job ended exactly once, COMPLETED, in PostgreSQL.
+    Chaos(chaos::Args),
+    /// The whole system at fleet scale: simulated machines heartbeating, executors, REST
+    /// submitters; API and claim latency, throughput, persister lag, CPU, memory, row counts.
+    Fleet(fleet::Args),
+    /// BullMQ and emp on the same Redis, same jobs, same concurrencies: jobs/s and submit →
+    /// start latency side by side (emp with PostgreSQL persistence off and on).
+    VersusBullmq(versus::Args),
 }
 
 // One thread: the measured time is the query and the driver, not the scheduler's hand-offs.
@@ -68,5 +82,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Dispatch(args) => dispatch::run(&args).await,
         Command::Api(args) => api::run(&args).await,
         Command::Agent(args) => agent::run(&args).await,
+        Command::Chaos(args) => chaos::run(&args).await,
+        Command::Fleet(args) => fleet::run(&args).await,
+        Command::VersusBullmq(args) => versus::run(&args).await,
     }
 }

@@ -53,6 +53,11 @@ pub struct Config {
     /// `EMP_WEBHOOK_ALLOW_PRIVATE`: let webhooks reach loopback, private and link-local
     /// addresses (development and tests only).
     pub webhook_allow_private: bool,
+    /// `EMP_LEASE_MS`: how long a claim or heartbeat keeps an execution alive (default 60 s,
+    /// three agent heartbeats); written into Redis when the reconciler restores it.
+    pub lease: Duration,
+    /// `EMP_RECONCILE_INTERVAL_MS`: how often the reconciler runs (default 60 s).
+    pub reconcile_interval: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -74,6 +79,8 @@ impl std::fmt::Debug for Config {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("webhook_allow_private", &self.webhook_allow_private)
+            .field("lease", &self.lease)
+            .field("reconcile_interval", &self.reconcile_interval)
             .finish()
     }
 }
@@ -174,6 +181,18 @@ impl Config {
                 0..=3600,
             )?),
             webhook_allow_private: parse_bool(&get, "EMP_WEBHOOK_ALLOW_PRIVATE", false)?,
+            lease: Duration::from_millis(parse_number(
+                &get,
+                "EMP_LEASE_MS",
+                60_000,
+                1000..=86_400_000,
+            )?),
+            reconcile_interval: Duration::from_millis(parse_number(
+                &get,
+                "EMP_RECONCILE_INTERVAL_MS",
+                60_000,
+                100..=86_400_000,
+            )?),
         })
     }
 }
@@ -309,6 +328,28 @@ mod tests {
         assert_eq!(config.redis_url, DEFAULT_REDIS_URL);
         assert_eq!(config.redis_prefix, "emp");
         assert!(!config.webhook_allow_private);
+    }
+
+    #[test]
+    fn lease_and_reconcile_interval_default_to_a_minute_and_can_be_shortened() {
+        let defaults = config(&[]).unwrap();
+        assert_eq!(defaults.lease, Duration::from_secs(60));
+        assert_eq!(defaults.reconcile_interval, Duration::from_secs(60));
+        let short = config(&[
+            ("EMP_LEASE_MS", "4000"),
+            ("EMP_RECONCILE_INTERVAL_MS", "2000"),
+        ])
+        .unwrap();
+        assert_eq!(short.lease, Duration::from_secs(4));
+        assert_eq!(short.reconcile_interval, Duration::from_secs(2));
+        for (variable, value) in [
+            ("EMP_LEASE_MS", "999"),
+            ("EMP_LEASE_MS", "soon"),
+            ("EMP_RECONCILE_INTERVAL_MS", "0"),
+        ] {
+            let err = config(&[(variable, value)]).unwrap_err();
+            assert_eq!(err.variable, variable, "{value}");
+        }
     }
 
     #[test]

@@ -84,9 +84,14 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     let grace = config.shutdown_grace;
     let redis_client = redis::Client::open(config.redis_url.as_str())
         .map_err(|error| ServeError::Startup(format!("REDIS_URL: {error}")))?;
+    let periods = DutyPeriods {
+        reconciler: config.reconcile_interval,
+        lease: config.lease,
+        ..DutyPeriods::default()
+    };
     let state = AppState::new(pool, redis, config);
     let duties = TaskTracker::new();
-    spawn_duties(&state, redis_client, &duties, &shutdown);
+    spawn_duties(&state, redis_client, periods, &duties, &shutdown);
     crate::webhooks::spawn_sender(&state, &duties, &shutdown);
     run(listener, state, shutdown, grace).await;
     duties.close();
@@ -98,6 +103,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
 fn spawn_duties(
     state: &AppState,
     redis_client: redis::Client,
+    periods: DutyPeriods,
     duties: &TaskTracker,
     shutdown: &CancellationToken,
 ) {
@@ -119,7 +125,7 @@ fn spawn_duties(
                 &connection,
                 &redis_client,
                 &dispatch,
-                DutyPeriods::default(),
+                periods,
                 &duties_inner,
                 &shutdown,
             )

@@ -38,6 +38,9 @@ pub struct DutyPeriods {
     pub reconciler: Duration,
     /// Maintenance (seed: every 5 minutes).
     pub maintenance: Duration,
+    /// How long a claim or heartbeat keeps an execution alive, written into Redis by the
+    /// reconciler's restore (not a period, but set beside them from the same configuration).
+    pub lease: Duration,
 }
 
 impl Default for DutyPeriods {
@@ -46,6 +49,7 @@ impl Default for DutyPeriods {
             reaper: Duration::from_secs(1),
             reconciler: Duration::from_secs(60),
             maintenance: Duration::from_secs(300),
+            lease: Duration::from_millis(DispatchConfig::default().lease_ms),
         }
     }
 }
@@ -69,7 +73,7 @@ pub async fn start_duties(
         db.clone(),
         redis.clone(),
         dispatch.clone(),
-        DispatchConfig::default().lease_ms,
+        u64::try_from(periods.lease.as_millis()).unwrap_or(u64::MAX),
     );
     // Once before anything else, so agents find Redis restored as soon as possible.
     if let Err(error) = reconciler.step(Utc::now()).await {
