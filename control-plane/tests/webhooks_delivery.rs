@@ -261,7 +261,8 @@ async fn a_completed_job_is_delivered_signed_once(db: PgPool) {
     assert_eq!(body["data"]["webhook_url"], receiver.url.as_str());
     let mut keys: Vec<&String> = body.as_object().unwrap().keys().collect();
     keys.sort();
-    assert_eq!(keys, ["data", "timestamp", "type"]);
+    assert_eq!(keys, ["data", "id", "timestamp", "type"]);
+    assert_eq!(body["id"], seen[0].id(), "the body's id is the webhook-id");
 
     let listed = deliveries(&app, &user.key, &job).await;
     assert_eq!(listed.len(), 1);

@@ -145,15 +145,15 @@ impl ControlPlane {
             .unwrap()
     }
 
-    /// The machine's last `gpu_stats` JSON.
+    /// The machine's last `gpu_stats` JSON; `null` before its first heartbeat carries any.
     pub async fn gpu_stats(&mut self, machine_id: Uuid) -> Value {
-        let text: String = redis::cmd("HGET")
+        let text: Option<String> = redis::cmd("HGET")
             .arg(self.dispatch.keys().machine(&machine_id))
             .arg("gpu_stats")
             .query_async(&mut self.con)
             .await
             .unwrap();
-        serde_json::from_str(&text).unwrap()
+        text.map_or(Value::Null, |text| serde_json::from_str(&text).unwrap())
     }
 
     /// Waits for the job to reach `status`; panics after `within`.

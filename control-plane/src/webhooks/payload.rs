@@ -1,6 +1,8 @@
 //! The body of a delivery (CONTRACT.md "Webhooks"):
-//! `{"type": "job.completed", "timestamp": "…", "data": <job object>}`, built once, at the
-//! first try, and then sent byte for byte the same on every retry.
+//! `{"id": "<webhook-id>", "type": "job.completed", "timestamp": "…", "data": <job object>}`,
+//! built once, at the first try, and then sent byte for byte the same on every retry. `id`
+//! (the event's id, as the issue asks) repeats the `webhook-id` header, so a receiver that
+//! stores only bodies can still deduplicate.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -13,6 +15,7 @@ use crate::db::{DbError, jobs};
 
 #[derive(Serialize)]
 struct Payload<'a> {
+    id: uuid::Uuid,
     #[serde(rename = "type")]
     event_type: &'a str,
     timestamp: DateTime<Utc>,
@@ -35,6 +38,7 @@ pub async fn build(db: &PgPool, delivery: &DueDelivery) -> Result<String, DbErro
         }
     }
     let payload = Payload {
+        id: delivery.id,
         event_type: &delivery.event_type,
         timestamp: delivery.occurred_at,
         data,
