@@ -224,6 +224,8 @@ impl Executor {
     pub async fn run(mut self, stop: CancellationToken) {
         let mut version = u64::MAX;
         let mut mine: Vec<String> = Vec::new();
+        // A job claimed by the last `complete_and_claim` call, run next without a claim call.
+        let mut claimed_next: Option<(Uuid, ClaimOutcome)> = None;
         let mut next_beat = tokio::time::Instant::now()
             + self
                 .heartbeat
@@ -250,12 +252,17 @@ impl Executor {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 continue;
             }
-            let execution = Uuid::now_v7();
-            match self
-                .dispatch
-                .claim(&mut self.con, &self.machine, &execution, &mine)
-                .await
-            {
+            let (execution, outcome) = if let Some((execution, outcome)) = claimed_next.take() {
+                (execution, Ok(outcome))
+            } else {
+                let execution = Uuid::now_v7();
+                let outcome = self
+                    .dispatch
+                    .claim(&mut self.con, &self.machine, &execution, &mine)
+                    .await;
+                (execution, outcome)
+            };
+            match outcome {
                 Ok(ClaimOutcome::Claimed(job)) => {
                     self.counters.claims.fetch_add(1, Ordering::Relaxed);
                     if let Some(submitted_us) = submitted_at(&job.payload) {
@@ -270,10 +277,27 @@ impl Executor {
                         () = stop.cancelled() => {}
                         () = tokio::time::sleep(self.job_duration) => {}
                     }
-                    let done = self
-                        .dispatch
-                        .complete(&mut self.con, &self.machine, &execution, "[]")
-                        .await;
+                    // As the agent does: report the job and claim the next in one call,
+                    // unless the run is ending (a claimed job would be left running).
+                    let done = if stop.is_cancelled() {
+                        self.dispatch
+                            .complete(&mut self.con, &self.machine, &execution, "[]")
+                            .await
+                            .map(|_| ())
+                    } else {
+                        let next = Uuid::now_v7();
+                        self.dispatch
+                            .complete_and_claim(
+                                &mut self.con,
+                                &self.machine,
+                                &execution,
+                                "[]",
+                                &next,
+                                &mine,
+                            )
+                            .await
+                            .map(|both| claimed_next = Some((next, both.next)))
+                    };
                     if done.is_ok() {
                         self.counters.completed.fetch_add(1, Ordering::Relaxed);
                     } else {
@@ -299,6 +323,21 @@ impl Executor {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
+        }
+        // The stop came during a combined call that claimed a job: finish it, so the run
+        // leaves no job running.
+        if let Some((execution, ClaimOutcome::Claimed(_))) = claimed_next {
+            self.counters.claims.fetch_add(1, Ordering::Relaxed);
+            let done = self
+                .dispatch
+                .complete(&mut self.con, &self.machine, &execution, "[]")
+                .await;
+            let counter = if done.is_ok() {
+                &self.counters.completed
+            } else {
+                &self.counters.errors
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
     }
 
