@@ -7,6 +7,7 @@
 //! src/main.rs          the command line (this file): parses, then calls the subcommand's run
 //! src/pg.rs            the benchmark database: parse its URL, (re)create it, connect
 //! src/latency.rs       latency histograms (hdrhistogram, µs) and their p50 / p99
+//! src/runtime.rs       a run on a multi-threaded runtime of its own (fleet, versus-bullmq)
 //! src/versus/          `emp-bench versus-bullmq`: BullMQ (bullmq/) and emp side by side
 //! src/fleet/           `emp-bench fleet`: machines, executors and submitters at scale
 //! src/chaos/           `emp-bench chaos`: faults under load, then an exactly-once check
@@ -40,6 +41,7 @@ mod fleet;
 mod latency;
 mod pg;
 mod queries;
+mod runtime;
 mod versus;
 
 use clap::{Parser, Subcommand};

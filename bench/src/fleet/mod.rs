@@ -83,16 +83,10 @@ mod target {
 /// A service that would not start; Redis or PostgreSQL failures.
 pub async fn run(args: &Args) -> anyhow::Result<()> {
     let args = args.clone();
-    let worker = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads.max(1))
-            .enable_all()
-            .build()?;
-        runtime.block_on(fleet(&args))
-    });
-    tokio::task::spawn_blocking(move || worker.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the fleet run panicked"))?
+    crate::runtime::on_own_runtime(args.threads, "fleet run", move || async move {
+        fleet(&args).await
+    })
+    .await
 }
 
 #[allow(clippy::too_many_lines)]

@@ -123,16 +123,12 @@ where
 /// Node, npm, Redis, PostgreSQL or the control plane failing.
 pub async fn run(args: &Args) -> anyhow::Result<()> {
     let args = args.clone();
-    let worker = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads.max(1))
-            .enable_all()
-            .build()?;
-        runtime.block_on(versus(&args))
-    });
-    tokio::task::spawn_blocking(move || worker.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the run panicked"))?
+    crate::runtime::on_own_runtime(
+        args.threads,
+        "run",
+        move || async move { versus(&args).await },
+    )
+    .await
 }
 
 async fn versus(args: &Args) -> anyhow::Result<()> {
