@@ -162,7 +162,7 @@ async fn a_stale_complete_still_claims_and_a_bad_call_writes_nothing() {
     let m = bench::register_machine(&c.d, &mut c.con, 2).await.unwrap();
     let run = c.claim_one(m, &cls).await;
 
-    // A next execution id already in use elsewhere: refused before anything is written.
+    // The same id twice: refused before anything is written.
     let err =
         c.d.complete_and_claim(
             &mut c.con,
@@ -175,6 +175,9 @@ async fn a_stale_complete_still_claims_and_a_bad_call_writes_nothing() {
         .await
         .unwrap_err();
     assert!(matches!(err, DispatchError::Rejected { .. }), "{err:?}");
+    // A next execution id another machine uses: refused when the claim would create it, and the
+    // job it would have taken stays queued in its place.
+    let queued = c.enqueue(user, &cls[0]).await;
     let other = bench::register_machine(&c.d, &mut c.con, 1).await.unwrap();
     let err =
         c.d.complete_and_claim(
@@ -189,9 +192,18 @@ async fn a_stale_complete_still_claims_and_a_bad_call_writes_nothing() {
         .unwrap_err();
     assert!(matches!(err, DispatchError::Rejected { .. }), "{err:?}");
     assert_eq!(c.status(job).await, JobStatus::Processing);
+    assert_eq!(c.status(queued).await, JobStatus::Queued);
+    assert_eq!(c.d.queued_count(&mut c.con).await.unwrap(), 1);
+    assert!(
+        c.d.machine(&mut c.con, &other)
+            .await
+            .unwrap()
+            .unwrap()
+            .running
+            .is_empty()
+    );
 
     // An execution that is not current: stale, and the claim still happens.
-    let queued = c.enqueue(user, &cls[0]).await;
     let r =
         c.d.complete_and_claim(&mut c.con, &m, &Uuid::now_v7(), "[]", &Uuid::now_v7(), &cls)
             .await

@@ -680,12 +680,8 @@ async fn per_user_limit_holds_and_other_users_pass() {
             }
         }
         assert!(running.len() <= 2, "A runs {} jobs", running.len());
-        let n: Option<u32> = redis::cmd("GET")
-            .arg(c.d.keys().user_running(&user_a))
-            .query_async(&mut c.con)
-            .await
-            .unwrap();
-        assert_eq!(n.unwrap_or(0) as usize, running.len());
+        let counts = c.d.user_counts(&mut c.con, &user_a).await.unwrap();
+        assert_eq!(counts.running as usize, running.len());
     }
     assert_eq!(order, a_jobs.iter().map(|j| j.job_id).collect::<Vec<_>>());
     assert_eq!(c.d.queued_count(&mut c.con).await.unwrap(), 0);
@@ -906,8 +902,9 @@ async fn missing_epoch_means_restoring_for_every_agent_script() {
     c.enqueue_ok(&new_job(Uuid::now_v7(), &cls[0])).await;
     let m = c.machine(1).await;
     let run = c.claim_one(m, &cls).await;
-    let _: () = redis::cmd("DEL")
-        .arg(c.d.keys().epoch())
+    let _: () = redis::cmd("HDEL")
+        .arg(c.d.keys().config())
+        .arg("epoch")
         .query_async(&mut c.con)
         .await
         .unwrap();

@@ -55,6 +55,12 @@ pub struct Args {
     /// Concurrent claimers of the throughput runs (a machine and a connection each).
     #[arg(long, value_delimiter = ',', default_values_t = [1, 10, 100])]
     pub claimers: Vec<usize>,
+    /// Connections the throughput runs' claimers share, round robin (each claimer is still a
+    /// machine of its own; a multiplexed connection pipelines the calls of several, as a worker
+    /// process serving many slots does, and as BullMQ's worker does at concurrency > 1).
+    /// 0: one connection per claimer, as separate boxes have.
+    #[arg(long, default_value_t = 0)]
+    pub connections: usize,
     /// Slots per machine in the throughput runs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub slots: u32,
@@ -134,7 +140,11 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
                 CycleBench {
                     claimers,
                     jobs: args.jobs as usize,
-                    connections: claimers,
+                    connections: if args.connections == 0 {
+                        claimers
+                    } else {
+                        args.connections.min(claimers)
+                    },
                     slots: args.slots,
                     payload_bytes: args.payload_bytes,
                     combined: !args.separate,
@@ -252,6 +262,14 @@ fn add_throughput(report: &mut Report, runs: &[BenchReport], args: &Args) {
     } else {
         format!(", {} B payloads", thousands(args.payload_bytes as f64))
     };
+    let connections = |claimers: usize| match args.connections {
+        0 => "a connection each".to_owned(),
+        n => format!(
+            "{} shared connection{}",
+            n.min(claimers),
+            if n.min(claimers) == 1 { "" } else { "s" }
+        ),
+    };
     let calls = if args.separate {
         "complete, claim: 2 calls/job"
     } else {
@@ -272,9 +290,10 @@ fn add_throughput(report: &mut Report, runs: &[BenchReport], args: &Args) {
         report.row(
             "a",
             format!(
-                "claim+complete cycles/s, {} claimer{} ({} jobs, {slots} slot/machine{payload}, {calls})",
+                "claim+complete cycles/s, {} claimer{} ({}; {} jobs, {slots} slot/machine{payload}, {calls})",
                 r.claimers,
                 if r.claimers == 1 { "" } else { "s" },
+                connections(r.claimers),
                 thousands(r.jobs as f64)
             ),
             thousands(r.cycles_per_sec),

@@ -92,8 +92,8 @@ async fn live_states(state: &AppState, ids: &[Uuid]) -> Option<HashMap<Uuid, Liv
         pipe.cmd("HMGET")
             .arg(keys.machine(id))
             .arg("status")
-            .arg("last_heartbeat_ms");
-        pipe.scard(keys.machine_execs(id));
+            .arg("last_heartbeat_ms")
+            .arg("execs");
     }
     let reply: Result<Result<Vec<redis::Value>, redis::RedisError>, _> =
         tokio::time::timeout(LIVE_STATE_TIMEOUT, pipe.query_async(&mut redis)).await;
@@ -109,11 +109,13 @@ async fn live_states(state: &AppState, ids: &[Uuid]) -> Option<HashMap<Uuid, Liv
         }
     };
     let mut states = HashMap::with_capacity(ids.len());
-    for (id, pair) in ids.iter().zip(values.chunks(2)) {
-        let [fields, running] = pair else { continue };
-        let (status, heartbeat): (Option<String>, Option<i64>) =
+    for (id, fields) in ids.iter().zip(&values) {
+        let (status, heartbeat, execs): (Option<String>, Option<i64>, Option<String>) =
             redis::from_redis_value_ref(fields).unwrap_or_default();
-        let running: u64 = redis::from_redis_value_ref(running).unwrap_or_default();
+        // The machine's running executions, separated by spaces.
+        let running = execs
+            .as_deref()
+            .map_or(0, |e| e.split_ascii_whitespace().count()) as u64;
         states.insert(
             *id,
             Live {

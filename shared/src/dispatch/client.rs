@@ -19,6 +19,18 @@ use super::types::{
 };
 use super::wake::Wake;
 
+/// The held-jobs unit of a user's counter (`HELD_UNIT` in `lua/common.lua`).
+const HELD_UNIT: u64 = 1 << 20;
+
+/// A user's jobs in Redis ([`Dispatch::user_counts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UserCounts {
+    /// PROCESSING jobs.
+    pub running: u64,
+    /// QUEUED jobs parked in the user's held set.
+    pub held: u64,
+}
+
 /// How many user-limited heads one claim script call may park before it hands back and lets
 /// other commands run; the wrapper then calls it again.
 const MAX_PARKS_PER_CALL: u64 = 64;
@@ -110,7 +122,7 @@ impl Dispatch {
     ) -> Result<(String, bool), DispatchError> {
         let s = &self.scripts.init_epoch;
         let r = self
-            .run(con, s, &[self.keys.epoch()], self.args().s(epoch))
+            .run(con, s, &[self.keys.config()], self.args().s(epoch))
             .await?;
         Ok((r.str(1)?, r.flag(0)?))
     }
@@ -123,8 +135,9 @@ impl Dispatch {
         &self,
         con: &mut C,
     ) -> Result<Option<String>, DispatchError> {
-        Ok(redis::cmd("GET")
-            .arg(self.keys.epoch())
+        Ok(redis::cmd("HGET")
+            .arg(self.keys.config())
+            .arg("epoch")
             .query_async(con)
             .await?)
     }
@@ -212,7 +225,6 @@ impl Dispatch {
         check_class_id(&job.class_id)?;
         let k = &self.keys;
         let keys = [
-            k.epoch(),
             k.config(),
             k.seq(),
             k.queued(),
@@ -261,7 +273,6 @@ impl Dispatch {
     ) -> Result<CancelOutcome, DispatchError> {
         let k = &self.keys;
         let keys = [
-            k.epoch(),
             k.config(),
             k.queued(),
             k.events(),
@@ -364,14 +375,12 @@ impl Dispatch {
         }
         let k = &self.keys;
         let keys = [
-            k.epoch(),
             k.config(),
             k.leases(),
             k.queued(),
             k.events(),
             self.heads_key(),
             k.machine(machine_id),
-            k.machine_execs(machine_id),
         ];
         let mut args = self
             .args()
@@ -423,14 +432,12 @@ impl Dispatch {
         }
         let k = &self.keys;
         let keys = [
-            k.epoch(),
             k.config(),
             k.leases(),
             k.queued(),
             k.events(),
             self.heads_key(),
             k.machine(machine_id),
-            k.machine_execs(machine_id),
         ];
         let mut args = self
             .report_args(machine_id, execution_id)
@@ -481,7 +488,7 @@ impl Dispatch {
     ) -> Result<RegisterOutcome, DispatchError> {
         let k = &self.keys;
         let keys = [
-            k.epoch(),
+            k.config(),
             k.machines(),
             k.machine_ids(),
             k.events(),
@@ -519,14 +526,12 @@ impl Dispatch {
     ) -> Result<HeartbeatOutcome, DispatchError> {
         let k = &self.keys;
         let keys = [
-            k.epoch(),
             k.config(),
             k.leases(),
             k.machines(),
             k.events(),
             k.classes_version(),
             k.machine(&beat.machine_id),
-            k.machine_execs(&beat.machine_id),
         ];
         let mut args = self
             .args()
@@ -578,7 +583,6 @@ impl Dispatch {
     ) -> Result<Option<u32>, DispatchError> {
         let k = &self.keys;
         let keys = [
-            k.epoch(),
             k.config(),
             k.leases(),
             k.queued(),
@@ -586,7 +590,6 @@ impl Dispatch {
             self.heads_key(),
             k.machines(),
             k.machine(machine_id),
-            k.machine_execs(machine_id),
         ];
         let r = self
             .run(
@@ -614,13 +617,7 @@ impl Dispatch {
         action: MachineAction,
     ) -> Result<MachineAdminOutcome, DispatchError> {
         let k = &self.keys;
-        let keys = [
-            k.epoch(),
-            k.machines(),
-            k.events(),
-            k.machine(machine_id),
-            k.machine_execs(machine_id),
-        ];
+        let keys = [k.config(), k.machines(), k.events(), k.machine(machine_id)];
         let args = self.args().s(machine_id.to_string()).s(action.as_str());
         let r = self
             .run(con, &self.scripts.machine_admin, &keys, args)
@@ -721,7 +718,7 @@ impl Dispatch {
         now_ms: Option<u64>,
     ) -> Result<u32, DispatchError> {
         let k = &self.keys;
-        let keys = [k.epoch(), k.machines(), k.events()];
+        let keys = [k.config(), k.machines(), k.events()];
         let args = self
             .args()
             .n(stale_after.as_millis().max(1) as u64)
@@ -735,10 +732,9 @@ impl Dispatch {
 
     // ---------------------------------------------------------------- agent: reports
 
-    fn report_keys(&self) -> [String; 6] {
+    fn report_keys(&self) -> [String; 5] {
         let k = &self.keys;
         [
-            k.epoch(),
             k.config(),
             k.leases(),
             k.queued(),
@@ -906,6 +902,28 @@ impl Dispatch {
         Ok(n.unwrap_or(0))
     }
 
+    /// A user's jobs in Redis: how many run and how many are held (parked while the user is at
+    /// their limit). Both live in one counter, running + 2^20 × held, so ending a job learns
+    /// with one command whether anything of theirs waits.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn user_counts<C: ConnectionLike + Send>(
+        &self,
+        con: &mut C,
+        user_id: &Uuid,
+    ) -> Result<UserCounts, DispatchError> {
+        let n: Option<u64> = redis::cmd("GET")
+            .arg(self.keys.user_running(user_id))
+            .query_async(con)
+            .await?;
+        let n = n.unwrap_or(0);
+        Ok(UserCounts {
+            running: n % HELD_UNIT,
+            held: n / HELD_UNIT,
+        })
+    }
+
     /// Jobs waiting in each class queue (held jobs not included), for metrics.
     ///
     /// # Errors
@@ -1004,9 +1022,7 @@ impl Dispatch {
         con: &mut C,
         machine_id: &Uuid,
     ) -> Result<Option<MachineState>, DispatchError> {
-        let (v, running): (Vec<Option<String>>, Vec<String>) = redis::pipe()
-            .atomic()
-            .cmd("HMGET")
+        let v: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(self.keys.machine(machine_id))
             .arg(&[
                 "status",
@@ -1016,8 +1032,8 @@ impl Dispatch {
                 "max_slots",
                 "drain",
                 "last_heartbeat_ms",
+                "execs",
             ])
-            .smembers(self.keys.machine_execs(machine_id))
             .query_async(con)
             .await?;
         let Some(status) = &v[0] else {
@@ -1043,8 +1059,10 @@ impl Dispatch {
                 .unwrap_or("0")
                 .parse()
                 .map_err(|_| bad("last_heartbeat_ms"))?,
-            running: running
-                .iter()
+            running: v[7]
+                .as_deref()
+                .unwrap_or("")
+                .split_ascii_whitespace()
                 .map(|s| s.parse().map_err(|_| bad("execs")))
                 .collect::<Result<_, _>>()?,
         }))

@@ -55,12 +55,10 @@ impl Keys {
         k
     }
 
-    /// String: present once state is complete (restored after a Redis loss); agents' scripts
-    /// answer `Restoring` while it is missing.
-    pub fn epoch(&self) -> String {
-        self.key("epoch")
-    }
-    /// Hash: `max_concurrent_jobs_per_user`, `max_queue_size`, `lease_ms`, `finished_ttl_ms`.
+    /// Hash: the settings (`max_concurrent_jobs_per_user`, `max_queue_size`, `lease_ms`,
+    /// `finished_ttl_ms`) and `epoch`, present once state is complete (restored after a Redis
+    /// loss; agents' scripts answer `Restoring` while it is missing). One hash, so every script
+    /// reads both with one command.
     pub fn config(&self) -> String {
         self.key("config")
     }
@@ -104,7 +102,8 @@ impl Keys {
     pub fn job(&self, job_id: &Uuid) -> String {
         self.key(&format!("job:{job_id}"))
     }
-    /// Hash: one execution (a tombstone for a while after it ends).
+    /// String: one execution, `<job> <machine> <status> <user> <deadline_ms> <attempts>
+    /// <started_ms>` (a tombstone for a while after it ends).
     pub fn exec(&self, execution_id: &Uuid) -> String {
         self.key(&format!("exec:{execution_id}"))
     }
@@ -120,7 +119,8 @@ impl Keys {
     pub fn held(&self, user_id: &Uuid) -> String {
         self.key(&format!("held:{user_id}"))
     }
-    /// Counter: a user's PROCESSING jobs.
+    /// Counter: a user's PROCESSING jobs plus 2^20 times their held ones (see
+    /// [`super::client::Dispatch::user_counts`]).
     pub fn user_running(&self, user_id: &Uuid) -> String {
         self.key(&format!("user:{user_id}:running"))
     }
@@ -128,13 +128,9 @@ impl Keys {
     pub fn machine_wake(&self, machine_id: &Uuid) -> String {
         self.key(&format!("machine:{machine_id}:wake"))
     }
-    /// Hash: one machine.
+    /// Hash: one machine; its field `execs` lists the executions it runs, separated by spaces.
     pub fn machine(&self, machine_id: &Uuid) -> String {
         self.key(&format!("machine:{machine_id}"))
-    }
-    /// Set: the executions a machine runs.
-    pub fn machine_execs(&self, machine_id: &Uuid) -> String {
-        self.key(&format!("machine:{machine_id}:execs"))
     }
 
     /// The class id back from a queue or wake key, if `key` is one of ours.
@@ -174,7 +170,6 @@ mod tests {
         let id = Uuid::nil();
         let class = "0123456789abcdef0123456789abcdef";
         for key in [
-            k.epoch(),
             k.config(),
             k.seq(),
             k.queued(),
@@ -192,7 +187,6 @@ mod tests {
             k.held(&id),
             k.user_running(&id),
             k.machine(&id),
-            k.machine_execs(&id),
             k.machine_wake(&id),
         ] {
             assert!(key.starts_with("{emp}:"), "{key}");

@@ -137,7 +137,7 @@ mod wake;
 
 pub mod bench;
 
-pub use client::Dispatch;
+pub use client::{Dispatch, UserCounts};
 pub use error::{DispatchError, MalformedEvent};
 pub use events::{Event, EventData, EventStream, EventType};
 pub use keys::{Keys, check_class_id};

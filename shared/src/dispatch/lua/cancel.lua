@@ -1,13 +1,13 @@
 -- cancel (control plane): QUEUED (queued or held) → CANCELLED at once; PROCESSING → the cancel
 -- flag, which the machine learns from its next heartbeat (or progress reply) and confirms with
 -- `cancelled`.
--- KEYS: epoch, config, queued, events, heads, job:<id>
+-- KEYS: config, queued, events, heads, job:<id>
 -- ARGV: prefix, job_id
 -- Reply: {'cancelled'} | {'cancel_requested', machine_id, execution_id}
 --      | {'finished', status} | {'unknown'}
-K = bind_keys({ 'epoch', 'config', 'queued', 'events', 'heads' })
+K = bind_keys({ 'config', 'queued', 'events', 'heads' })
 local id = uuid_arg(ARGV[2], 'job_id')
-local jk = want_key(6, 'job:' .. id)
+local jk = want_key(5, 'job:' .. id)
 
 load_epoch()
 local j = redis.call('HMGET', jk, 'status', 'class', 'user_id', 'cancel_requested', 'machine_id',
@@ -19,14 +19,17 @@ if status == 'QUEUED' then
   -- index a valid lower bound, so it is not touched.
   local from_queue = redis.call('ZREM', key('q:', j[2]), id)
   local removed = from_queue
-  if from_queue == 0 then removed = redis.call('ZREM', key('held:', j[3]), id) end
+  if from_queue == 0 then
+    removed = redis.call('ZREM', key('held:', j[3]), id)
+    if removed > 0 then redis.call('INCRBY', key('user:', j[3], ':running'), -HELD_UNIT) end
+  end
   if removed > 0 then redis.call('DECR', K.queued) end
   finish(id, 'CANCELLED', false, 'cancel_requested', '1')
   if from_queue > 0 then
     -- It may have been unparked to use a free slot of its user; without this, the user's held
     -- jobs could wait for a release that never comes (nothing of theirs running any more).
-    local running = tonumber(redis.call('GET', key('user:', j[3], ':running')) or '0')
-    unpark(j[3], config().per_user - running)
+    local n = tonumber(redis.call('GET', key('user:', j[3], ':running')) or '0')
+    if n >= HELD_UNIT then unpark(j[3], config().per_user - n % HELD_UNIT) end
   end
   emit('job.cancelled', id, nil, nil, json_obj({ { 'reason', 'cancelled_while_queued', 'w' } }))
   return { 'cancelled' }

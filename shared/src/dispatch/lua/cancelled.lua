@@ -1,17 +1,17 @@
 -- cancelled: the agent confirms it stopped a job whose cancel was asked for; the job is
 -- CANCELLED. Without a cancel request nothing changes (an agent may not cancel on its own).
--- KEYS: epoch, config, leases, queued, events, heads
+-- KEYS: config, leases, queued, events, heads
 -- ARGV: prefix, machine_id, execution_id
 -- Reply: {'ok'} | {'not_requested'} | {'stale'} | {'not_owner'} | {'restoring'}
-K = bind_keys({ 'epoch', 'config', 'leases', 'queued', 'events', 'heads' })
+K = bind_keys({ 'config', 'leases', 'queued', 'events', 'heads' })
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 
 if not load_epoch() then return { 'restoring' } end
-local id, job = fence(mid, eid, 'cancelled')
+local id, job, ex = fence(mid, eid, 'cancelled')
 if not id then return { job } end
 if not job.cancel then return { 'not_requested' } end
-end_execution(eid, mid, job.user, 'CANCELLED')
+end_execution(eid, ex, 'CANCELLED')
 finish(id, 'CANCELLED', job.progress)
 emit('job.cancelled', id, eid, mid, json_obj({ { 'attempts', job.attempts, 'n' },
   { 'exec_status', 'CANCELLED', 'w' } }))

@@ -1,23 +1,22 @@
 -- claim: the best job among the heads of the caller's classes, as one new execution (the work
 -- is claim_next.lua's, glued in front of this body).
--- KEYS: epoch, config, leases, queued, events, heads, machine:<mid>, machine:<mid>:execs
+-- KEYS: config, leases, queued, events, heads, machine:<mid>
 -- ARGV: prefix, machine_id, execution_id (caller's UUIDv7: the fence), max_parks, then the ids
 --       of the classes the machine can run (at least one).
 -- Reply: {'claimed', job_id, execution_id, attempts, max_attempts, class, priority, timeout_ms,
 --         user_id, started_ms, deadline_ms, payload}
 --      | {'empty'} | {'again'} (parked max_parks heads; call again) | {'at_capacity'}
 --      | {'draining'} | {'unknown_machine'} | {'restoring'}
-K = bind_keys({ 'epoch', 'config', 'leases', 'queued', 'events', 'heads' })
+K = bind_keys({ 'config', 'leases', 'queued', 'events', 'heads' })
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 local max_parks = int_arg(ARGV[4], 1, 10000, 'max_parks')
-want_key(7, 'machine:' .. mid)
-local execs_key = want_key(8, 'machine:' .. mid .. ':execs')
+want_key(6, 'machine:' .. mid)
 local direct = claim_classes(5)
 
 if not load_epoch() then return { 'restoring' } end
-local m = redis.call('HMGET', KEYS[7], 'status', 'max_slots', 'drain')
+local m = redis.call('HMGET', KEYS[6], unpack(MACHINE_FIELDS))
 if not m[1] or m[1] == 'OFFLINE' or m[1] == 'TERMINATED' then return { 'unknown_machine' } end
-local again = claim_again(mid, eid)
+local again = claim_again(mid, eid, m[4])
 if again then return again end
-return (claim_next(mid, eid, execs_key, m, max_parks, 5, direct))
+return (claim_next(mid, eid, m, m[4], max_parks, 5, direct))

@@ -22,29 +22,32 @@ local function claim_classes(first_class)
   return direct
 end
 
--- The same execution id again from the same machine is a retry of a claim whose reply was lost:
--- the claim reply again (instead of leaving that job orphaned until its lease expires). nil for
--- an unused id; an argument error for one used elsewhere (raised before anything is written).
-local function claim_again(mid, eid)
-  local ex = redis.call('HMGET', key('exec:', eid), 'job', 'machine', 'status', 'started_ms',
-    'deadline_ms')
+-- The same execution id again from the same machine, which still runs it, is a retry of a claim
+-- whose reply was lost: the claim reply again (instead of leaving that job orphaned until its
+-- lease expires). `execs`: the machine's list, where a running execution is found without a
+-- read; nil when the id is not running there (an id used anywhere else is refused when the
+-- claim tries to create its record: see claim_next).
+local function claim_again(mid, eid, execs)
+  if not execs_has(execs, eid) then return nil end
+  local ex = exec_read(eid)
   if not ex[1] then return nil end
   if ex[2] == mid and ex[3] == 'RUNNING' then
-    local j = redis.call('HMGET', key('job:', ex[1]), 'attempts', 'max_attempts', 'class',
-      'priority', 'timeout_ms', 'user_id', 'payload')
-    return { 'claimed', ex[1], eid, j[1], j[2], j[3], j[4], j[5], j[6], ex[4], ex[5], j[7] or '' }
+    local j = redis.call('HMGET', key('job:', ex[1]), 'max_attempts', 'class', 'priority',
+      'timeout_ms', 'payload')
+    return { 'claimed', ex[1], eid, ex[6], j[1], j[2], j[3], j[4], ex[4], ex[7], ex[5], j[5] or '' }
   end
   argerr('execution_id', 'already used')
 end
 
--- Claims the best head for machine `mid` (its HMGET status, max_slots, drain in `m`) as
--- execution `eid`, from the classes in ARGV[first_class..]. Returns the reply and, unless the
--- machine is draining, how many executions the machine runs afterwards.
-local function claim_next(mid, eid, execs_key, m, max_parks, first_class, direct)
-  if m[3] == '1' then return { 'draining' } end
-  local running = redis.call('SCARD', execs_key)
+-- Claims the best head for machine `mid` (its HMGET of MACHINE_FIELDS in `m`, whose `execs`
+-- the caller may have changed already: `execs` is the list to start from) as execution `eid`,
+-- from the classes in ARGV[first_class..]. Returns the reply and whether it wrote the machine
+-- (a claim writes the new list and status itself; otherwise the caller still has to).
+local function claim_next(mid, eid, m, execs, max_parks, first_class, direct)
+  if m[3] == '1' then return { 'draining' }, false end
+  local running = execs_count(execs)
   local max_slots = tonumber(m[2]) or 1
-  if running >= max_slots then return { 'at_capacity' }, running end
+  if running >= max_slots then return { 'at_capacity' }, false end
   local cfg = config()
 
   -- What this call knows of a class's queue: view[c] = {id1, score1, id2, score2, ...,
@@ -154,7 +157,7 @@ local function claim_next(mid, eid, execs_key, m, max_parks, first_class, direct
   local parks = 0
   while true do
     local c, id, score = best()
-    if not c then return done({ 'empty' }), running end
+    if not c then return done({ 'empty' }), false end
     local jk = key('job:', id)
     local j = redis.call('HMGET', jk, 'status', 'user_id', 'attempts', 'max_attempts', 'priority',
       'timeout_ms', 'payload')
@@ -165,32 +168,42 @@ local function claim_next(mid, eid, execs_key, m, max_parks, first_class, direct
     if j[1] == 'QUEUED' then
       local uid = j[2]
       local urk = key('user:', uid, ':running')
-      if redis.call('INCR', urk) <= cfg.per_user then
+      if redis.call('INCR', urk) % HELD_UNIT <= cfg.per_user then
         -- Take it. Every number is formatted once, then passed on as text.
-        redis.call('DECR', K.queued)
         local now_s = now_text()
         local attempts = int((tonumber(j[3]) or 0) + 1)
         local deadline = now_ms() + tonumber(j[6])
         local deadline_s = int(deadline)
         local lease = now_ms() + cfg.lease_ms
+        -- The execution's record, created only if its id was never used (SET NX): a retry of a
+        -- lost claim was answered before (claim_again); any other reuse is refused here, with
+        -- the job put back where it was and the user's count as it was.
+        if not redis.call('SET', key('exec:', eid), id .. ' ' .. mid .. ' RUNNING ' .. uid .. ' '
+          .. deadline_s .. ' ' .. attempts .. ' ' .. now_s, 'NX') then
+          redis.call('DECR', urk)
+          local score_s = int(score)
+          redis.call('ZADD', key('q:', c), score_s, id)
+          redis.call('ZADD', K.heads, 'LT', score_s, c)
+          flush_event()
+          argerr('execution_id', 'already used')
+        end
+        redis.call('DECR', K.queued)
         redis.call('HSET', jk, 'status', 'PROCESSING', 'attempts', attempts, 'execution_id', eid,
           'machine_id', mid, 'started_ms', now_s)
-        redis.call('HSET', key('exec:', eid), 'job', id, 'machine', mid, 'user', uid, 'status',
-          'RUNNING', 'started_ms', now_s, 'deadline_ms', deadline_s, 'attempts', attempts)
         redis.call('ZADD', K.leases, lease < deadline and int(lease) or deadline_s, eid)
-        redis.call('SADD', execs_key, eid)
-        set_machine_status(mid, m[1], machine_status_for(nil, true, running + 1, max_slots), nil)
+        local list = execs_add(execs, eid)
+        write_machine(mid, m, list, machine_status_for(nil, true, running + 1, max_slots), nil)
         emit('job.claimed', id, eid, mid, '{"attempts":' .. attempts .. ',"user_id":"' .. uid
           .. '","deadline_ms":' .. deadline_s .. '}')
         return done({ 'claimed', id, eid, attempts, j[4], c, j[5], j[6], uid, now_s, deadline_s,
-          j[7] or '' }), running + 1
+          j[7] or '' }), true
       end
       -- The user is at their limit: park the job aside (same score) so it no longer blocks anyone;
-      -- it comes back when one of the user's jobs ends.
-      redis.call('DECR', urk)
+      -- it comes back when one of the user's jobs ends. The INCR becomes one more held job.
+      redis.call('INCRBY', urk, HELD_UNIT - 1)
       redis.call('ZADD', key('held:', uid), int(score), id)
     end
     parks = parks + 1
-    if parks >= max_parks then return done({ 'again' }), running end
+    if parks >= max_parks then return done({ 'again' }), false end
   end
 end

@@ -184,40 +184,80 @@ local WAKE_CAP = 32
 -- Offline machines keep their hash this long (admin pages, a box that comes back), then go.
 local OFFLINE_MACHINE_TTL_MS = 7 * 24 * 3600 * 1000
 
-local EPOCH = nil -- the epoch value when the script declared the epoch key and it exists
-
+-- The epoch and the settings live in one hash (`config`), read with one HMGET per script. The
+-- epoch field is present once state is complete (restored after a Redis loss); agents' scripts
+-- answer `restoring` while it is missing. finished_ttl is kept as text (it is only ever passed on
+-- to PX/PEXPIRE). A user's running count shares its counter with their held jobs (see
+-- HELD_UNIT), so per_user is capped well below it.
+local EPOCH = nil
+local CFG = nil
 local function load_epoch()
-  EPOCH = redis.call('GET', K.epoch)
+  local c = redis.call('HMGET', K.config, 'epoch', 'max_concurrent_jobs_per_user',
+    'max_queue_size', 'lease_ms', 'finished_ttl_ms')
+  EPOCH = c[1]
+  local per_user = tonumber(c[2]) or 10
+  if per_user > 100000 then per_user = 100000 end
+  CFG = {
+    per_user = per_user,
+    max_queue = tonumber(c[3]) or 1000,
+    lease_ms = tonumber(c[4]) or 60000,
+    finished_ttl = c[5] or '3600000',
+  }
   return EPOCH
 end
-
--- The settings, read once per script whoever asks. finished_ttl is kept as text (it is only
--- ever passed on to PEXPIRE).
-local CFG = nil
 local function config()
-  if not CFG then
-    local c = redis.call('HMGET', K.config, 'max_concurrent_jobs_per_user', 'max_queue_size',
-      'lease_ms', 'finished_ttl_ms')
-    CFG = {
-      per_user = tonumber(c[1]) or 10,
-      max_queue = tonumber(c[2]) or 1000,
-      lease_ms = tonumber(c[3]) or 60000,
-      finished_ttl = c[4] or '3600000',
-    }
-  end
+  if not CFG then load_epoch() end
   return CFG
 end
 
+-- A user's counter `user:<uid>:running` holds running + HELD_UNIT * held: how many of their jobs
+-- run and how many wait in their held set, in one number, so ending a job learns with the same
+-- DECR whether anything of theirs waits to be unparked.
+local HELD_UNIT = 1048576
+
 -- Every state change writes its event in the same script, so Redis and the stream never
 -- disagree. `data` is JSON text (see json_obj) or nil.
+--
+-- One stream entry may carry two events: the first under the usual field names, the second
+-- under `type2`, `job2`, `exec2`, `machine2`, `data2`, sharing `ts` and `ep` (the persister
+-- applies them in that order). hold_event keeps an event back so the next emit writes both in
+-- one XADD; flush_event writes a held event alone. complete_claim uses it for the completion
+-- and the claim that follows.
+local HELD_EVENT = nil
 local function emit(kind, job, exec, machine, data)
-  local f = { 'type', kind, 'ts', now_text() }
-  if EPOCH then f[#f + 1] = 'ep'; f[#f + 1] = EPOCH end
-  if job then f[#f + 1] = 'job'; f[#f + 1] = job end
-  if exec then f[#f + 1] = 'exec'; f[#f + 1] = exec end
-  if machine then f[#f + 1] = 'machine'; f[#f + 1] = machine end
-  if data and data ~= '{}' then f[#f + 1] = 'data'; f[#f + 1] = data end
+  local f = { 'ts', now_text() }
+  if EPOCH then f[3] = 'ep'; f[4] = EPOCH end
+  local first = HELD_EVENT
+  if first then
+    HELD_EVENT = nil
+    f[#f + 1] = 'type'; f[#f + 1] = first[1]
+    if first[2] then f[#f + 1] = 'job'; f[#f + 1] = first[2] end
+    if first[3] then f[#f + 1] = 'exec'; f[#f + 1] = first[3] end
+    if first[4] then f[#f + 1] = 'machine'; f[#f + 1] = first[4] end
+    if first[5] and first[5] ~= '{}' then f[#f + 1] = 'data'; f[#f + 1] = first[5] end
+    f[#f + 1] = 'type2'; f[#f + 1] = kind
+    if job then f[#f + 1] = 'job2'; f[#f + 1] = job end
+    if exec then f[#f + 1] = 'exec2'; f[#f + 1] = exec end
+    if machine then f[#f + 1] = 'machine2'; f[#f + 1] = machine end
+    if data and data ~= '{}' then f[#f + 1] = 'data2'; f[#f + 1] = data end
+  else
+    f[#f + 1] = 'type'; f[#f + 1] = kind
+    if job then f[#f + 1] = 'job'; f[#f + 1] = job end
+    if exec then f[#f + 1] = 'exec'; f[#f + 1] = exec end
+    if machine then f[#f + 1] = 'machine'; f[#f + 1] = machine end
+    if data and data ~= '{}' then f[#f + 1] = 'data'; f[#f + 1] = data end
+  end
   redis.call('XADD', K.events, '*', unpack(f))
+end
+local function hold_event(kind, job, exec, machine, data)
+  HELD_EVENT = { kind, job, exec, machine, data }
+end
+local function flush_event()
+  local e = HELD_EVENT
+  if e then
+    HELD_EVENT = nil
+    emit(e[1], e[2], e[3], e[4], e[5])
+  end
 end
 
 local function wake(class)
@@ -253,6 +293,44 @@ local function status_json(new, old, reason)
   return s .. '}'
 end
 
+-- A machine's running executions are the field `execs` of its hash: their ids, separated by
+-- single spaces ('' or missing when idle). Read with the status in one HMGET, written with it in
+-- one HSET. Every id is a checked 36-character UUID, so the count follows from the length.
+local MACHINE_FIELDS = { 'status', 'max_slots', 'drain', 'execs' }
+local function execs_count(execs)
+  if not execs or execs == '' then return 0 end
+  return (#execs + 1) / 37
+end
+local function execs_has(execs, eid)
+  return execs and execs ~= '' and string.find(execs, eid, 1, true) ~= nil
+end
+local function execs_add(execs, eid)
+  if not execs or execs == '' then return eid end
+  return execs .. ' ' .. eid
+end
+-- Returns the list without `eid` (unchanged when it is not there).
+local function execs_remove(execs, eid)
+  if not execs or execs == '' then return '' end
+  if execs == eid then return '' end
+  local at = string.find(execs, eid, 1, true)
+  if not at then return execs end
+  if at == 1 then return string.sub(execs, 38) end
+  return string.sub(execs, 1, at - 2) .. string.sub(execs, at + 36)
+end
+
+-- Writes a machine's execution list and, when it changed, its status with its machine.status
+-- event, in one HSET. `m` is the machine's HMGET of MACHINE_FIELDS.
+local function write_machine(mid, m, execs, new, reason)
+  local mk = key('machine:', mid)
+  if new ~= m[1] then
+    redis.call('HSET', mk, 'execs', execs, 'status', new)
+    emit('machine.status', nil, nil, mid, status_json(new, m[1], reason))
+  else
+    redis.call('HSET', mk, 'execs', execs)
+  end
+  return new
+end
+
 -- Writes a machine's new status, with its machine.status event, when it changed.
 local function set_machine_status(mid, old, new, reason)
   if new ~= old then
@@ -262,3 +340,18 @@ local function set_machine_status(mid, old, new, reason)
   return new
 end
 
+-- An execution is one string key, `exec:<eid>`, written whole: "<job> <machine> <status> <user>
+-- <deadline_ms> <attempts> <started_ms>" (every part a UUID, a status word or digits). Created
+-- with SET NX by the claim (which also proves the id unused), rewritten with its end status and
+-- an expiry (a tombstone for finished_ttl, so a late report can be told apart) when it ends.
+local function exec_read(eid)
+  local v = redis.call('GET', key('exec:', eid))
+  if not v then return {} end
+  local job, mid, status, user, deadline, attempts, started =
+    string.match(v, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+  return { job, mid, status, user, deadline, attempts, started }
+end
+local function exec_text(ex, status)
+  return ex[1] .. ' ' .. ex[2] .. ' ' .. status .. ' ' .. ex[4] .. ' ' .. ex[5] .. ' ' .. ex[6]
+    .. ' ' .. ex[7]
+end

@@ -1,11 +1,11 @@
 -- enqueue: a new job into its class queue (control plane; also the reconciler's restore path).
 -- Idempotent on the job id: a job that exists in any state is left as it is.
--- KEYS: epoch, config, seq, queued, classes, classes:ver, events, heads, machines, job:<id>,
+-- KEYS: config, seq, queued, classes, classes:ver, events, heads, machines, job:<id>,
 --       q:<class>, wake:<class>
 -- ARGV: prefix, job_id, user_id, class, requirements_json, priority (0-100), max_attempts,
 --       timeout_ms, payload, check_queue_size (0|1)
 -- Reply: {'queued', seq, parked (0|1)} | {'exists', status} | {'queue_full', queued}
-K = bind_keys({ 'epoch', 'config', 'seq', 'queued', 'classes', 'classes:ver', 'events', 'heads',
+K = bind_keys({ 'config', 'seq', 'queued', 'classes', 'classes:ver', 'events', 'heads',
   'machines' })
 local id = uuid_arg(ARGV[2], 'job_id')
 local uid = uuid_arg(ARGV[3], 'user_id')
@@ -17,9 +17,9 @@ int_arg(ARGV[8], 1, 30 * 86400 * 1000, 'timeout_ms')
 local payload = ARGV[9]
 if type(payload) ~= 'string' then argerr('payload', 'missing') end
 local check = int_arg(ARGV[10], 0, 1, 'check_queue_size') == 1
-local jk = want_key(10, 'job:' .. id)
-want_key(11, 'q:' .. class)
-want_key(12, 'wake:' .. class)
+local jk = want_key(9, 'job:' .. id)
+want_key(10, 'q:' .. class)
+want_key(11, 'wake:' .. class)
 
 load_epoch()
 local existing = redis.call('HGET', jk, 'status')
@@ -56,10 +56,11 @@ if redis.call('HSETNX', K.classes, class, requirements) == 1 then
   end
 end
 -- A user already at their limit: straight to the held set, so claims never have to look at it.
-local parked = tonumber(redis.call('GET', key('user:', uid, ':running')) or '0')
-  >= cfg.per_user
+local urk = key('user:', uid, ':running')
+local parked = tonumber(redis.call('GET', urk) or '0') % HELD_UNIT >= cfg.per_user
 if parked then
   redis.call('ZADD', key('held:', uid), score, id)
+  redis.call('INCRBY', urk, HELD_UNIT)
 else
   place(class, id, score)
 end

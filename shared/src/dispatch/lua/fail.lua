@@ -1,19 +1,19 @@
 -- fail: the current execution failed. Retryable with attempts left → back to QUEUED in its place;
 -- otherwise FAILED. A job whose cancel was asked for ends CANCELLED instead of being retried.
--- KEYS: epoch, config, leases, queued, events, heads
+-- KEYS: config, leases, queued, events, heads
 -- ARGV: prefix, machine_id, execution_id, error_json, retryable (0|1)
 -- Reply: {'ok', 'requeued'|'failed'|'cancelled', attempts} | {'stale'} | {'not_owner'}
 --      | {'restoring'}
-K = bind_keys({ 'epoch', 'config', 'leases', 'queued', 'events', 'heads' })
+K = bind_keys({ 'config', 'leases', 'queued', 'events', 'heads' })
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 local err = json_arg(ARGV[4], 65536, 'error')
 local retryable = int_arg(ARGV[5], 0, 1, 'retryable') == 1
 
 if not load_epoch() then return { 'restoring' } end
-local id, job = fence(mid, eid, 'fail')
+local id, job, ex = fence(mid, eid, 'fail')
 if not id then return { job } end
-end_execution(eid, mid, job.user, 'FAILED')
+end_execution(eid, ex, 'FAILED')
 local data = json_obj({ { 'attempts', job.attempts, 'n' }, { 'retryable', retryable, 'b' },
   { 'exec_status', 'FAILED', 'w' }, { 'reason', 'failed', 'w' }, { 'error', err, 'raw' } })
 if job.cancel then

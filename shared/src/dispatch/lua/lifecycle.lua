@@ -4,24 +4,25 @@
 -- is built again on each call (a closure costs a fraction of a µs), so scripts that need none of
 -- this (claim, enqueue, heartbeat, register...) do not pay for it.
 
--- Reads the machine and refreshes its status (for scripts that had not read it already).
--- `ready`: true/false to set readiness, nil to keep it as it is.
-local function machine_refresh(mid, ready, reason)
-  local m = redis.call('HMGET', key('machine:', mid), 'status', 'max_slots', 'drain')
+-- Takes `eid` off its machine's list and refreshes the machine's status, in one read and one
+-- write (nothing for a machine that is gone).
+local function machine_release(mid, eid)
+  local m = redis.call('HMGET', key('machine:', mid), unpack(MACHINE_FIELDS))
   local old = m[1]
   if not old or old == 'OFFLINE' or old == 'TERMINATED' then return old end
-  local running = redis.call('SCARD', key('machine:', mid, ':execs'))
-  if ready == nil then ready = old ~= 'STARTING' end
-  return set_machine_status(mid, old,
-    machine_status_for(m[3], ready, running, tonumber(m[2]) or 1), reason)
+  local execs = execs_remove(m[4], eid)
+  return write_machine(mid, m, execs, machine_status_for(m[3], old ~= 'STARTING',
+    execs_count(execs), tonumber(m[2]) or 1), nil)
 end
 
 -- Moves up to `free` of a user's held jobs back to their class queues, best first (ZPOPMIN:
 -- one command reads and removes them), and wakes claimers for them. Called whenever the user's
--- running count drops.
+-- running count drops while something of theirs is held. Every job popped leaves the held count,
+-- placed or not (one that is no longer QUEUED is simply dropped).
 local function unpark(uid, free)
   if free <= 0 then return end
   local held = redis.call('ZPOPMIN', key('held:', uid), free)
+  if #held == 0 then return end
   for i = 1, #held, 2 do
     local id = held[i]
     local j = redis.call('HMGET', key('job:', id), 'class', 'status')
@@ -29,30 +30,35 @@ local function unpark(uid, free)
       place(j[1], id, held[i + 1])
     end
   end
+  redis.call('INCRBY', key('user:', uid, ':running'), int(-(#held / 2) * HELD_UNIT))
 end
 
+-- One of the user's jobs stopped running: their counter goes down by one and, when something of
+-- theirs is held (the same counter tells), that much room is handed to it.
 local function release_user(uid)
   local rk = key('user:', uid, ':running')
   local n = redis.call('DECR', rk)
   if n <= 0 then
     redis.call('DEL', rk)
-    n = 0
+    return
   end
-  unpark(uid, config().per_user - n)
+  if n >= HELD_UNIT then
+    unpark(uid, config().per_user - n % HELD_UNIT)
+  end
 end
 
--- Ends an execution: its lease entry gone, tombstone kept for finished_ttl (so a late report
--- can still be told apart: another machine's → refused, its own → stale), machine and user
--- slots freed. `machine_later`: the caller refreshes the machine's status itself (complete_claim,
--- which claims the next job first).
-local function end_execution(eid, mid, uid, exec_status, machine_later)
+-- Ends an execution: its lease entry gone, its record rewritten with its end status and an
+-- expiry (so a late report can still be told apart: another machine's → refused, its own →
+-- stale), machine and user slots freed. `ex` is its exec_read. end_execution_later leaves the
+-- machine and the user to the caller (complete_claim, which claims the next job first).
+local function end_execution_later(eid, ex, exec_status)
   redis.call('ZREM', K.leases, eid)
-  local ek = key('exec:', eid)
-  redis.call('HSET', ek, 'status', exec_status, 'ended_ms', now_text())
-  redis.call('PEXPIRE', ek, config().finished_ttl)
-  redis.call('SREM', key('machine:', mid, ':execs'), eid)
-  if not machine_later then machine_refresh(mid, nil, nil) end
-  release_user(uid)
+  redis.call('SET', key('exec:', eid), exec_text(ex, exec_status), 'PX', config().finished_ttl)
+end
+local function end_execution(eid, ex, exec_status)
+  end_execution_later(eid, ex, exec_status)
+  machine_release(ex[2], eid)
+  release_user(ex[4])
 end
 
 -- A job back in its place: the score it got at submission is kept, so a requeued job goes
@@ -99,13 +105,6 @@ local function job_fields(id)
   }
 end
 
--- An execution's fields: job, machine, status, user, deadline_ms, attempts (the job's attempts
--- when it was claimed; missing in executions claimed by older versions).
-local function exec_fields(eid)
-  return redis.call('HMGET', key('exec:', eid), 'job', 'machine', 'status', 'user',
-    'deadline_ms', 'attempts')
-end
-
 -- The fence. A report is accepted only from the job's current execution, and only from the
 -- machine that runs it. Returns job id and the job's fields (job_fields, plus `user`) on
 -- success, else nil and the outcome to reply with. Another machine's report changes nothing and
@@ -114,19 +113,20 @@ end
 -- this report leads to, when a repeat of it (the agent retrying after a lost reply) should just
 -- be answered 'again'. `light`: the caller needs only `user` and `attempts_text` (complete),
 -- which the execution holds: a RUNNING execution is always its job's current one (every script
--- that moves a job on ends its execution first), so the job is not read.
+-- that moves a job on ends its execution first), so the job is not read. The third result is the
+-- execution's exec_read, for end_execution.
 local function fence(mid, eid, report, done_status, light)
-  local ex = exec_fields(eid)
+  local ex = exec_read(eid)
   if ex[1] and ex[2] ~= mid then return nil, 'not_owner' end
   if ex[1] and done_status and ex[3] == done_status then return nil, 'again' end
-  if light and ex[3] == 'RUNNING' and ex[6] then
-    return ex[1], { user = ex[4], attempts_text = ex[6] }
+  if light and ex[3] == 'RUNNING' then
+    return ex[1], { user = ex[4], attempts_text = ex[6] }, ex
   end
   if ex[1] and ex[3] == 'RUNNING' then
     local j = job_fields(ex[1])
     if j.status == 'PROCESSING' and j.execution_id == eid then
       j.user = ex[4]
-      return ex[1], j
+      return ex[1], j, ex
     end
   end
   emit('execution.stale', ex[1], eid, mid,
@@ -136,7 +136,7 @@ end
 
 -- An execution nobody watches any more (its lease expired, its machine left): the job goes back
 -- to its place while it has attempts left, else FAILED attempts_exhausted; a job whose cancel
--- was asked for ends CANCELLED. `ex`: the execution's exec_fields. Returns what happened.
+-- was asked for ends CANCELLED. `ex`: the execution's exec_read. Returns what happened.
 local function lose_execution(eid, ex, reason)
   if not ex[1] or ex[3] ~= 'RUNNING' then
     redis.call('ZREM', K.leases, eid)
@@ -144,7 +144,7 @@ local function lose_execution(eid, ex, reason)
   end
   local id, mid = ex[1], ex[2]
   local j = job_fields(id)
-  end_execution(eid, mid, ex[4], 'LOST')
+  end_execution(eid, ex, 'LOST')
   if j.status ~= 'PROCESSING' or j.execution_id ~= eid then return 'cleaned' end
   local attempts = j.attempts
   if j.cancel then

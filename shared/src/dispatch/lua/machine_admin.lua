@@ -1,19 +1,18 @@
 -- machine_admin (control plane): drain, undrain, or mark a machine OFFLINE/TERMINATED.
 -- A draining machine claims nothing and finishes what it runs; the flag survives re-registration.
--- KEYS: epoch, machines, events, machine:<mid>, machine:<mid>:execs
+-- KEYS: config, machines, events, machine:<mid>
 -- ARGV: prefix, machine_id, action (drain|undrain|offline|terminated)
 -- Reply: {'ok', status} | {'unknown_machine'}
-K = bind_keys({ 'epoch', 'machines', 'events' })
+K = bind_keys({ 'config', 'machines', 'events' })
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local action = ARGV[3]
 local mk = want_key(4, 'machine:' .. mid)
-local execs_key = want_key(5, 'machine:' .. mid .. ':execs')
 if action ~= 'drain' and action ~= 'undrain' and action ~= 'offline' and action ~= 'terminated' then
   argerr('action', 'must be drain, undrain, offline or terminated')
 end
 
 load_epoch()
-local m = redis.call('HMGET', mk, 'status', 'max_slots')
+local m = redis.call('HMGET', mk, 'status', 'max_slots', 'execs')
 local old = m[1]
 if not old then return { 'unknown_machine' } end
 if action == 'drain' or action == 'undrain' then
@@ -24,7 +23,7 @@ if action == 'drain' or action == 'undrain' then
   end
   if old == 'OFFLINE' or old == 'TERMINATED' then return { 'ok', old } end
   return { 'ok', set_machine_status(mid, old, machine_status_for(action == 'drain' and '1' or nil,
-    old ~= 'STARTING', redis.call('SCARD', execs_key), tonumber(m[2]) or 1), action) }
+    old ~= 'STARTING', execs_count(m[3]), tonumber(m[2]) or 1), action) }
 end
 local new = string.upper(action)
 redis.call('ZREM', K.machines, mid)

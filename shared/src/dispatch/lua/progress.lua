@@ -1,8 +1,8 @@
 -- progress: the current execution's progress, for the API and SSE (not persisted row by row).
--- KEYS: epoch, config, leases, queued, events, heads (the layout shared by every report)
+-- KEYS: config, leases, queued, events, heads (the layout shared by every report)
 -- ARGV: prefix, machine_id, execution_id, value, max, node ('' for none)
 -- Reply: {'ok', cancel_requested (0|1)} | {'stale'} | {'not_owner'} | {'restoring'}
-K = bind_keys({ 'epoch', 'config', 'leases', 'queued', 'events', 'heads' })
+K = bind_keys({ 'config', 'leases', 'queued', 'events', 'heads' })
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 local value = int_arg(ARGV[4], 0, 1e15, 'value')
@@ -11,7 +11,7 @@ local node = str_arg(ARGV[6], 0, 256, 'node')
 if node == '' then node = nil end
 
 if not load_epoch() then return { 'restoring' } end
-local id, job = fence(mid, eid, 'progress')
+local id, job, ex = fence(mid, eid, 'progress')
 if not id then return { job } end
 local p = json_obj({ { 'value', value, 'n' }, { 'max', max, 'n' }, { 'node', node, 's' } })
 redis.call('HSET', key('job:', id), 'progress', p)

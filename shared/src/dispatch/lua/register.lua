@@ -1,9 +1,9 @@
 -- register: a box announces itself. One machine id per external id, so a restarted agent on the
 -- same box keeps its id; the caller's candidate (a fresh UUIDv7) is used only for a new box.
--- KEYS: epoch, machines, machine-ids, events, classes:ver
+-- KEYS: config, machines, machine-ids, events, classes:ver
 -- ARGV: prefix, candidate_id, external_id, provider, region, capabilities_json, max_slots
 -- Reply: {'registered', machine_id, reused (0|1), classes_version} | {'restoring'}
-K = bind_keys({ 'epoch', 'machines', 'machine-ids', 'events', 'classes:ver' })
+K = bind_keys({ 'config', 'machines', 'machine-ids', 'events', 'classes:ver' })
 local candidate = uuid_arg(ARGV[2], 'machine_id')
 local external = str_arg(ARGV[3], 1, 256, 'external_id')
 local provider = str_arg(ARGV[4], 1, 64, 'provider')
@@ -23,7 +23,7 @@ if not mid then
 end
 local mk = key('machine:', mid)
 local now = now_text()
-local m = redis.call('HMGET', mk, 'status', 'drain')
+local m = redis.call('HMGET', mk, 'status', 'drain', 'execs')
 local old = m[1]
 -- The drain flag survives a re-registration: an operator's drain outlives an agent restart.
 redis.call('HSET', mk, 'external_id', external, 'provider', provider, 'region', region,
@@ -36,5 +36,5 @@ emit('machine.registered', nil, nil, mid, json_obj({ { 'external_id', external, 
   { 'reused', reused == 1, 'b' }, { 'previous', old, 'w' }, { 'capabilities', caps, 'raw' } }))
 -- Not ready yet (the agent says READY on a heartbeat), unless it still runs something.
 set_machine_status(mid, 'STARTING', machine_status_for(m[2], false,
-  redis.call('SCARD', key('machine:', mid, ':execs')), max_slots), 'registered')
+  execs_count(m[3]), max_slots), 'registered')
 return { 'registered', mid, reused, redis.call('GET', K['classes:ver']) or '0' }

@@ -1,17 +1,17 @@
 -- release: the agent gives a running job back (shutdown grace ran out). The job returns to its
 -- place without an attempts check: it did not fail. A job whose cancel was asked for ends
 -- CANCELLED. The execution ends CANCELLED (stopped on purpose).
--- KEYS: epoch, config, leases, queued, events, heads
+-- KEYS: config, leases, queued, events, heads
 -- ARGV: prefix, machine_id, execution_id
 -- Reply: {'ok', 'requeued'|'cancelled'} | {'stale'} | {'not_owner'} | {'restoring'}
-K = bind_keys({ 'epoch', 'config', 'leases', 'queued', 'events', 'heads' })
+K = bind_keys({ 'config', 'leases', 'queued', 'events', 'heads' })
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 
 if not load_epoch() then return { 'restoring' } end
-local id, job = fence(mid, eid, 'release')
+local id, job, ex = fence(mid, eid, 'release')
 if not id then return { job } end
-end_execution(eid, mid, job.user, 'CANCELLED')
+end_execution(eid, ex, 'CANCELLED')
 local data = json_obj({ { 'attempts', job.attempts, 'n' }, { 'reason', 'released', 'w' },
   { 'exec_status', 'CANCELLED', 'w' } })
 if job.cancel then

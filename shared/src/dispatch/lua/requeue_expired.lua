@@ -3,10 +3,10 @@
 -- Both are due in one sorted set (`leases` holds each execution's next deadline: the lease's, or
 -- the hard one when that comes first); the execution's deadline_ms tells them apart.
 -- One script, so two reapers at once cannot handle an execution twice.
--- KEYS: epoch, config, leases, queued, events, heads
+-- KEYS: config, leases, queued, events, heads
 -- ARGV: prefix, limit, now_ms ('' = Redis TIME; a value is for tests and tools)
 -- Reply: {requeued, failed, timed_out, cancelled, cleaned}
-K = bind_keys({ 'epoch', 'config', 'leases', 'queued', 'events', 'heads' })
+K = bind_keys({ 'config', 'leases', 'queued', 'events', 'heads' })
 int_arg(ARGV[2], 1, 10000, 'limit')
 if ARGV[3] ~= '' then NOW = int_arg(ARGV[3], 0, 1e15, 'now_ms') end
 
@@ -14,7 +14,7 @@ if ARGV[3] ~= '' then NOW = int_arg(ARGV[3], 0, 1e15, 'now_ms') end
 local function time_out_execution(eid, ex)
   local id, mid = ex[1], ex[2]
   local j = job_fields(id)
-  end_execution(eid, mid, ex[4], 'FAILED')
+  end_execution(eid, ex, 'FAILED')
   if j.status ~= 'PROCESSING' or j.execution_id ~= eid then return 'cleaned' end
   local message = 'the job ran longer than its timeout of ' .. (j.timeout_ms or '?') .. ' ms'
   local err = json_obj({ { 'code', 'timeout', 'w' }, { 'message', message, 's' } })
@@ -30,7 +30,7 @@ local now = now_ms()
 local now_s = now_text()
 local counts = { requeued = 0, failed = 0, timed_out = 0, cancelled = 0, cleaned = 0 }
 for _, eid in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', now_s, 'LIMIT', 0, ARGV[2])) do
-  local ex = exec_fields(eid)
+  local ex = exec_read(eid)
   local r
   -- Past both deadlines is a timeout, not a lost execution.
   if ex[1] and ex[3] == 'RUNNING' and now >= (tonumber(ex[5]) or math.huge) then

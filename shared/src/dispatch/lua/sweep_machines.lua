@@ -1,10 +1,10 @@
 -- sweep_machines (control plane): machines silent for longer than stale_ms become OFFLINE (their
 -- leases have long expired, the reaper requeued their jobs). A box that comes back is told it is
 -- unknown and registers again under the same id.
--- KEYS: epoch, machines, events
+-- KEYS: config, machines, events
 -- ARGV: prefix, stale_ms, limit, now_ms ('' = Redis TIME)
 -- Reply: {n_marked_offline}
-K = bind_keys({ 'epoch', 'machines', 'events' })
+K = bind_keys({ 'config', 'machines', 'events' })
 local stale_ms = int_arg(ARGV[2], 1, 1e12, 'stale_ms')
 int_arg(ARGV[3], 1, 10000, 'limit')
 if ARGV[4] ~= '' then NOW = int_arg(ARGV[4], 0, 1e15, 'now_ms') end
