@@ -17,8 +17,8 @@ use emp_control_plane::dispatch::reconciler::Reconciler;
 use emp_control_plane::dispatch::{Cancelled, DispatchFailure, Dispatcher};
 use emp_control_plane::redis_conn::RedisHandle;
 use emp_shared::dispatch::{
-    AgentState, ClaimOutcome, Dispatch, DispatchConfig, Event, Fenced, Heartbeat, HeartbeatOutcome,
-    RegisterOutcome, Registration,
+    AgentState, ClaimOutcome, Dispatch, DispatchConfig, Event, EventEntry, Fenced, Heartbeat,
+    HeartbeatOutcome, RegisterOutcome, Registration,
 };
 use emp_shared::requirements::Requirements;
 use emp_shared::status::{ExecutionStatus, JobStatus, MachineStatus};
@@ -193,7 +193,7 @@ impl Fixture {
             .await
             .unwrap()
             .into_iter()
-            .map(Result::unwrap)
+            .flat_map(Result::unwrap)
             .collect()
     }
 
@@ -309,21 +309,27 @@ async fn a_persister_killed_between_write_and_ack_duplicates_nothing(db: PgPool)
         .create_group(&mut fx.redis, "persister")
         .await
         .unwrap();
-    let read: Vec<Event> = stream
+    let entries: Vec<EventEntry> = stream
         .read_group(&mut fx.redis, "persister", "c1", 1000, None)
         .await
         .unwrap()
         .into_iter()
         .map(Result::unwrap)
         .collect();
-    assert!(!read.is_empty());
+    assert!(!entries.is_empty());
+    let read: Vec<Event> = entries
+        .iter()
+        .flat_map(EventEntry::events)
+        .cloned()
+        .collect();
     apply_batch(&fx.db, &read, "e1").await.unwrap();
     let rows = fx.event_rows().await;
 
     // Restarted under the same consumer name: it reads its own pending entries first.
     let mut restarted = fx.persister("c1").await;
     let report = restarted.step().await.unwrap();
-    assert_eq!(report.read, read.len());
+    assert_eq!(report.read, entries.len());
+    assert_eq!(report.events, read.len());
     assert_eq!(report.persisted, 0, "everything was already written");
     assert_eq!(fx.event_rows().await, rows);
     let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
@@ -853,4 +859,300 @@ async fn an_end_persisted_before_its_claim_still_wins(db: PgPool) {
     let runs = executions::list_of_job(&fx.db, job.id).await.unwrap();
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].status, ExecutionStatus::Completed);
+}
+
+/// Writes by hand the entry the completion-then-claim script will write: `job.completed` of
+/// `done` (its job, execution) then `job.claimed` of `next`, both on `machine`, in one entry
+/// without `ts` (its time is the entry id's). Returns the entry id.
+async fn xadd_complete_then_claim(
+    fx: &mut Fixture,
+    machine: Uuid,
+    done: (Uuid, Uuid),
+    next: (Uuid, Uuid),
+    user: Uuid,
+) -> String {
+    let completed =
+        json!({"attempts": 1, "exec_status": "COMPLETED", "outputs": {"images": ["a.png"]}});
+    let claimed = json!({"attempts": 1, "user_id": user, "deadline_ms": 4_000_000_000_000_u64});
+    redis::cmd("XADD")
+        .arg(fx.dispatch.events().key())
+        .arg("*")
+        .arg("type")
+        .arg("job.completed")
+        .arg("ep")
+        .arg("e1")
+        .arg("job")
+        .arg(done.0.to_string())
+        .arg("exec")
+        .arg(done.1.to_string())
+        .arg("machine")
+        .arg(machine.to_string())
+        .arg("data")
+        .arg(completed.to_string())
+        .arg("type2")
+        .arg("job.claimed")
+        .arg("job2")
+        .arg(next.0.to_string())
+        .arg("exec2")
+        .arg(next.1.to_string())
+        .arg("machine2")
+        .arg(machine.to_string())
+        .arg("data2")
+        .arg(claimed.to_string())
+        .query_async(&mut fx.redis)
+        .await
+        .unwrap()
+}
+
+/// The time of a stream entry id (`<ms>-<seq>`).
+fn entry_time(id: &str) -> chrono::DateTime<Utc> {
+    let ms = id.split_once('-').unwrap().0.parse().unwrap();
+    chrono::DateTime::from_timestamp_millis(ms).unwrap()
+}
+
+/// The `job_events` rows of one stream entry: (event id, type, job, execution, occurred at).
+async fn rows_of_entry(
+    db: &PgPool,
+    entry: &str,
+) -> Vec<(
+    String,
+    String,
+    Option<Uuid>,
+    Option<Uuid>,
+    chrono::DateTime<Utc>,
+)> {
+    sqlx::query_as(
+        "SELECT event_id, event_type, job_id, execution_id, occurred_at FROM job_events
+         WHERE event_id IN ($1, $2) ORDER BY event_id",
+    )
+    .bind(format!("e1:{entry}"))
+    .bind(format!("e1:{entry}/1"))
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
+/// Nothing left pending in the persister group.
+async fn pending_entries(fx: &mut Fixture) -> u64 {
+    let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+        .arg(fx.dispatch.events().key())
+        .arg("persister")
+        .query_async(&mut fx.redis)
+        .await
+        .unwrap();
+    u64::try_from(pending.count()).unwrap()
+}
+
+/// Job A completed and job B claimed by the entry written at `at`, as Postgres should hold them.
+async fn assert_completed_then_claimed(
+    db: &PgPool,
+    machine: Uuid,
+    done: (Uuid, Uuid),
+    next: (Uuid, Uuid),
+    at: chrono::DateTime<Utc>,
+) {
+    let a = jobs::find_by_id(db, done.0).await.unwrap();
+    assert_eq!(a.status, JobStatus::Completed);
+    assert_eq!(a.completed_at, Some(at));
+    let runs_a = executions::list_of_job(db, done.0).await.unwrap();
+    assert_eq!(runs_a.len(), 1);
+    assert_eq!(runs_a[0].id, done.1);
+    assert_eq!(runs_a[0].status, ExecutionStatus::Completed);
+    assert_eq!(runs_a[0].completed_at, Some(at));
+
+    let b = jobs::find_by_id(db, next.0).await.unwrap();
+    assert_eq!(b.status, JobStatus::Processing);
+    assert_eq!(b.attempts, 1);
+    assert_eq!(b.started_at, Some(at));
+    let runs_b = executions::list_of_job(db, next.0).await.unwrap();
+    assert_eq!(runs_b.len(), 1);
+    assert_eq!(runs_b[0].id, next.1);
+    assert_eq!(runs_b[0].machine_id, machine);
+    assert_eq!(runs_b[0].status, ExecutionStatus::Running);
+    assert_eq!(runs_b[0].started_at, at);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_entry_with_a_completion_and_the_next_claim_persists_both(db: PgPool) {
+    let mut fx = Fixture::new(db, SHARED_REDIS).await;
+    let user = fx.user().await;
+    let first = fx
+        .dispatcher
+        .submit(&Fixture::new_job(user, 10))
+        .await
+        .unwrap();
+    let next = fx
+        .dispatcher
+        .submit(&Fixture::new_job(user, 10))
+        .await
+        .unwrap();
+    let machine = fx.machine("box-1").await;
+    let (job_a, exec_a) = fx.claim(machine).await.unwrap();
+    assert_eq!(job_a, first.id);
+    let exec_b = Uuid::now_v7();
+    let entry =
+        xadd_complete_then_claim(&mut fx, machine, (job_a, exec_a), (next.id, exec_b), user).await;
+    let at = entry_time(&entry);
+
+    // One batch: submissions, registration, A's claim, then the entry (A's completion, B's
+    // claim). A must end COMPLETED, so the completion is folded after A's claim.
+    let mut persister = fx.persister("p1").await;
+    let report = persister.step().await.unwrap();
+    let entries = fx.dispatch.events().len(&mut fx.redis).await.unwrap();
+    assert_eq!(report.read, usize::try_from(entries).unwrap());
+    assert_eq!(report.events, report.read + 1, "one entry held two events");
+    assert_eq!(report.malformed, 0);
+    assert_eq!(
+        fx.drain(&mut persister).await,
+        0,
+        "one step read everything"
+    );
+
+    let rows = rows_of_entry(&fx.db, &entry).await;
+    assert_eq!(
+        rows,
+        vec![
+            (
+                format!("e1:{entry}"),
+                "job.completed".to_owned(),
+                Some(job_a),
+                Some(exec_a),
+                at
+            ),
+            (
+                format!("e1:{entry}/1"),
+                "job.claimed".to_owned(),
+                Some(next.id),
+                Some(exec_b),
+                at
+            ),
+        ]
+    );
+    assert_completed_then_claimed(&fx.db, machine, (job_a, exec_a), (next.id, exec_b), at).await;
+    assert_eq!(
+        pending_entries(&mut fx).await,
+        0,
+        "the entry is acknowledged"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_two_event_entry_redelivered_after_a_crash_duplicates_nothing(db: PgPool) {
+    let mut fx = Fixture::new(db, SHARED_REDIS).await;
+    let user = fx.user().await;
+    fx.dispatcher
+        .submit(&Fixture::new_job(user, 10))
+        .await
+        .unwrap();
+    // The next job wants its claim as a webhook: the delivery is keyed by the event id.
+    let mut wanted = Fixture::new_job(user, 10);
+    wanted.webhook_url = Some("https://hooks.example.com/emp".into());
+    wanted.webhook_events = vec!["job.claimed".into()];
+    let next = fx.dispatcher.submit(&wanted).await.unwrap();
+    let machine = fx.machine("box-1").await;
+    let (job_a, exec_a) = fx.claim(machine).await.unwrap();
+    let mut persister = fx.persister("c1").await;
+    fx.drain(&mut persister).await;
+    drop(persister);
+
+    let exec_b = Uuid::now_v7();
+    let entry =
+        xadd_complete_then_claim(&mut fx, machine, (job_a, exec_a), (next.id, exec_b), user).await;
+    let at = entry_time(&entry);
+
+    // The "crashed" replica: it read the entry as c1 and committed both events, never acked.
+    let stream = fx.dispatch.events();
+    let read: Vec<EventEntry> = stream
+        .read_group(&mut fx.redis, "persister", "c1", 1000, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].id, entry);
+    let events: Vec<Event> = read.into_iter().flatten().collect();
+    assert_eq!(events.len(), 2);
+    let applied = apply_batch(&fx.db, &events, "e1").await.unwrap();
+    assert_eq!(applied.persisted, 2);
+    let rows = fx.event_rows().await;
+    assert_eq!(pending_entries(&mut fx).await, 1);
+
+    // Restarted under the same name: the entry is redelivered, found written, acknowledged.
+    let mut restarted = fx.persister("c1").await;
+    let report = restarted.step().await.unwrap();
+    assert_eq!((report.read, report.events), (1, 2));
+    assert_eq!(report.persisted, 0, "both events were already written");
+    assert_eq!(fx.event_rows().await, rows, "no duplicate job_events rows");
+    assert_eq!(rows_of_entry(&fx.db, &entry).await.len(), 2);
+    assert_eq!(
+        pending_entries(&mut fx).await,
+        0,
+        "acknowledged once redelivered"
+    );
+    assert_completed_then_claimed(&fx.db, machine, (job_a, exec_a), (next.id, exec_b), at).await;
+
+    let deliveries: Vec<String> =
+        sqlx::query_scalar("SELECT event_key FROM webhook_deliveries WHERE job_id = $1")
+            .bind(next.id)
+            .fetch_all(&fx.db)
+            .await
+            .unwrap();
+    assert_eq!(deliveries, vec![format!("event:e1:{entry}/1")]);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_second_event_of_an_entry_is_applied_after_the_first(db: PgPool) {
+    // An order-sensitive pair on one job: its execution is given up (requeued), then it is
+    // claimed again. Applied the other way round, the job would end QUEUED.
+    let mut fx = Fixture::new(db, SHARED_REDIS).await;
+    let user = fx.user().await;
+    let job = fx
+        .dispatcher
+        .submit(&Fixture::new_job(user, 10))
+        .await
+        .unwrap();
+    let machine = fx.machine("box-1").await;
+    let (_, lost) = fx.claim(machine).await.unwrap();
+    let retry = Uuid::now_v7();
+    let _: String = redis::cmd("XADD")
+        .arg(fx.dispatch.events().key())
+        .arg("*")
+        .arg("type")
+        .arg("job.requeued")
+        .arg("ep")
+        .arg("e1")
+        .arg("job")
+        .arg(job.id.to_string())
+        .arg("exec")
+        .arg(lost.to_string())
+        .arg("machine")
+        .arg(machine.to_string())
+        .arg("data")
+        .arg(json!({"attempts": 1, "exec_status": "LOST", "reason": "lease_expired"}).to_string())
+        .arg("type2")
+        .arg("job.claimed")
+        .arg("job2")
+        .arg(job.id.to_string())
+        .arg("exec2")
+        .arg(retry.to_string())
+        .arg("machine2")
+        .arg(machine.to_string())
+        .arg("data2")
+        .arg(
+            json!({"attempts": 2, "user_id": user, "deadline_ms": 4_000_000_000_000_u64})
+                .to_string(),
+        )
+        .query_async(&mut fx.redis)
+        .await
+        .unwrap();
+    let mut persister = fx.persister("p1").await;
+    fx.drain(&mut persister).await;
+    let stored = jobs::find_by_id(&fx.db, job.id).await.unwrap();
+    assert_eq!(stored.status, JobStatus::Processing);
+    assert_eq!(stored.attempts, 2);
+    let runs = executions::list_of_job(&fx.db, job.id).await.unwrap();
+    let status_of = |id: Uuid| runs.iter().find(|r| r.id == id).unwrap().status;
+    assert_eq!(status_of(lost), ExecutionStatus::Lost);
+    assert_eq!(status_of(retry), ExecutionStatus::Running);
 }

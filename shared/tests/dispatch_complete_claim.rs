@@ -86,7 +86,7 @@ impl Ctx {
             .await
             .unwrap()
             .into_iter()
-            .map(|e| e.expect("well-formed event"))
+            .flat_map(|e| e.expect("well-formed entry"))
             .collect()
     }
 }

@@ -107,7 +107,7 @@ impl Ctx {
             .await
             .unwrap()
             .into_iter()
-            .map(|e| e.expect("well-formed event"))
+            .flat_map(|e| e.expect("well-formed entry"))
             .collect()
     }
 
@@ -1087,19 +1087,16 @@ async fn consumer_group_reads_acks_reclaims_and_trims() {
         .await
         .unwrap();
     assert_eq!(got.len(), 3);
-    let ids: Vec<String> = got
-        .iter()
-        .map(|e| e.as_ref().unwrap().stream_id.clone())
-        .collect();
+    let ids: Vec<String> = got.iter().map(|e| e.as_ref().unwrap().id.clone()).collect();
     // c1 "crashes"; c2 takes its pending entries over.
     let taken = stream
         .autoclaim(&mut c.con, "persister", "c2", Duration::ZERO, "0-0", 10)
         .await
         .unwrap();
     let taken_ids: Vec<String> = taken
-        .events
+        .entries
         .iter()
-        .map(|e| e.as_ref().unwrap().stream_id.clone())
+        .map(|e| e.as_ref().unwrap().id.clone())
         .collect();
     assert_eq!(taken_ids, ids);
     assert!(
@@ -1134,7 +1131,7 @@ async fn consumer_group_reads_acks_reclaims_and_trims() {
     assert_eq!(rest.len(), 2);
     let mut all: Vec<String> = rest
         .iter()
-        .map(|e| e.as_ref().unwrap().stream_id.clone())
+        .map(|e| e.as_ref().unwrap().id.clone())
         .collect();
     all.push(ids[2].clone());
     stream.ack(&mut c.con, "persister", &all).await.unwrap();

@@ -186,7 +186,7 @@ impl ControlPlane {
             .await
             .unwrap()
             .into_iter()
-            .map(|e| e.expect("well-formed event"))
+            .flat_map(|e| e.expect("well-formed entry"))
             .filter(|e| e.job_id == Some(job_id))
             .collect()
     }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use emp_shared::dispatch::{Dispatch, EnqueueOutcome, Event, EventType, NewJob, QueueLimit};
+use emp_shared::dispatch::{Dispatch, EnqueueOutcome, EventEntry, EventType, NewJob, QueueLimit};
 use emp_shared::payload::JobPayload;
 use emp_shared::workflow::derive_requirements;
 use redis::aio::ConnectionManager;
@@ -123,37 +123,40 @@ async fn one(
         let Some(reply) = reply else { continue };
         for entry in reply.keys.iter().flat_map(|k| k.ids.iter()) {
             last_id.clone_from(&entry.id);
-            let event = Event::from_stream_id(entry)?;
-            if event.job_id != Some(job.job_id) {
-                continue;
-            }
-            match event.event_type {
-                EventType::JobClaimed => {
-                    let execution_id = event.execution_id.context("job.claimed without exec")?;
-                    claimed = Some((execution_id, event.ts_ms));
+            // An entry may hold two events (a completion, then the next claim): look at both.
+            for event in EventEntry::from_stream_id(entry)? {
+                if event.job_id != Some(job.job_id) {
+                    continue;
                 }
-                EventType::JobCompleted => {
-                    let (execution_id, claimed_ms) =
-                        claimed.context("job.completed before job.claimed")?;
-                    return Ok(JobRun {
-                        execution_id,
-                        claimed_ms,
-                        completed_ms: event.ts_ms,
-                        enqueue_to_completed: started.elapsed(),
-                    });
+                match event.event_type {
+                    EventType::JobClaimed => {
+                        let execution_id =
+                            event.execution_id.context("job.claimed without exec")?;
+                        claimed = Some((execution_id, event.ts_ms));
+                    }
+                    EventType::JobCompleted => {
+                        let (execution_id, claimed_ms) =
+                            claimed.context("job.completed before job.claimed")?;
+                        return Ok(JobRun {
+                            execution_id,
+                            claimed_ms,
+                            completed_ms: event.ts_ms,
+                            enqueue_to_completed: started.elapsed(),
+                        });
+                    }
+                    EventType::JobFailed
+                    | EventType::JobCancelled
+                    | EventType::JobRequeued
+                    | EventType::ExecutionStale => {
+                        anyhow::bail!(
+                            "job {} ended {}: {:?}",
+                            job.job_id,
+                            event.event_type.as_str(),
+                            event.data
+                        );
+                    }
+                    _ => {}
                 }
-                EventType::JobFailed
-                | EventType::JobCancelled
-                | EventType::JobRequeued
-                | EventType::ExecutionStale => {
-                    anyhow::bail!(
-                        "job {} ended {}: {:?}",
-                        job.job_id,
-                        event.event_type.as_str(),
-                        event.data
-                    );
-                }
-                _ => {}
             }
         }
     }

@@ -172,7 +172,7 @@ async fn run_on(
         r.context("a claimer panicked")??;
     }
     let stream = dispatch.events();
-    let queued_events = stream.len(con).await?;
+    let queued_entries = stream.len(con).await?;
 
     let reader = waiter_connection(client).await?;
     let mut persister = Persister::new(
@@ -189,18 +189,19 @@ async fn run_on(
     )
     .await?;
     let started = Instant::now();
-    let mut events = 0;
+    let (mut entries, mut events) = (0, 0);
     loop {
         let step = persister.step().await?;
         if step.read == 0 {
             break;
         }
-        events += step.read;
+        entries += step.read;
+        events += step.events;
     }
     // The last, empty read blocked for `block`: not persister work.
     let elapsed = started.elapsed().saturating_sub(Duration::from_millis(20));
-    if events as u64 != queued_events {
-        bail!("the persister read {events} events of {queued_events}");
+    if entries as u64 != queued_entries {
+        bail!("the persister read {entries} stream entries of {queued_entries}");
     }
     let completed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM job_requests WHERE status = 'COMPLETED' AND completed_at IS NOT NULL",

@@ -1,10 +1,15 @@
 //! The persister: reads the events stream with a consumer group and writes what happened into
 //! PostgreSQL, idempotently and in batches, then acknowledges.
 //!
-//! Idempotency comes from `job_events.event_id` (`<epoch>:<stream id>`, unique): each batch runs
-//! in one transaction that first inserts the events and then applies only those that were new.
-//! A persister killed between the commit and the XACK re-reads the same entries, finds them all
+//! Idempotency comes from `job_events.event_id` ([`Event::persist_id`]: `<epoch>:<stream id>`,
+//! with `/1` appended for the second event of an entry; unique): each batch runs in one
+//! transaction that first inserts the events and then applies only those that were new. A
+//! persister killed between the commit and the XACK re-reads the same entries, finds them all
 //! present, and applies nothing twice.
+//!
+//! An entry may hold two events (a completion, then the next claim): both go into the batch in
+//! that order, so the fold applies them as they happened, and the entry is acknowledged once,
+//! with the rest of the batch, after the transaction committed.
 //!
 //! Within a batch, events are folded: each job, execution and machine gets one write carrying
 //! its final state, so a batch costs a handful of statements whatever its size. Heartbeats are
@@ -15,7 +20,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use emp_shared::dispatch::events::{Event, EventData, EventStream, EventType};
+use emp_shared::dispatch::MalformedEvent;
+use emp_shared::dispatch::events::{Event, EventData, EventEntry, EventStream, EventType};
 use emp_shared::dispatch::{Dispatch, DispatchError};
 use emp_shared::status::{ExecutionStatus, JobStatus, MachineStatus};
 use redis::aio::{ConnectionManager, MultiplexedConnection};
@@ -50,8 +56,10 @@ impl From<sqlx::Error> for PersistError {
 /// What one step did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepReport {
-    /// Entries read (new, own pending or taken over).
+    /// Entries read (new, own pending or taken over), malformed ones included.
     pub read: usize,
+    /// Events those entries held (an entry holds one or two; malformed entries count none).
+    pub events: usize,
     /// Events written to `job_events` for the first time (the rest were replays).
     pub persisted: usize,
     /// Heartbeats folded into machine rows.
@@ -144,9 +152,7 @@ impl Persister {
         result
     }
 
-    async fn read(
-        &mut self,
-    ) -> Result<Vec<Result<Event, emp_shared::dispatch::MalformedEvent>>, PersistError> {
+    async fn read(&mut self) -> Result<Vec<Result<EventEntry, MalformedEvent>>, PersistError> {
         let consumer = self.config.consumer.clone();
         if self.recovering {
             let own = self
@@ -175,8 +181,8 @@ impl Persister {
                     .ack(&mut self.redis, GROUP, &taken.deleted)
                     .await?;
             }
-            if !taken.events.is_empty() {
-                return Ok(taken.events);
+            if !taken.entries.is_empty() {
+                return Ok(taken.entries);
             }
         }
         Ok(self
@@ -193,7 +199,7 @@ impl Persister {
 
     async fn persist(
         &mut self,
-        entries: Vec<Result<Event, emp_shared::dispatch::MalformedEvent>>,
+        entries: Vec<Result<EventEntry, MalformedEvent>>,
     ) -> Result<StepReport, PersistError> {
         let mut report = StepReport {
             read: entries.len(),
@@ -202,13 +208,15 @@ impl Persister {
         if entries.is_empty() {
             return Ok(report);
         }
+        // One id per entry, acknowledged once; its events in stream order, the first before the
+        // second.
         let mut ids = Vec::with_capacity(entries.len());
         let mut events = Vec::with_capacity(entries.len());
         for entry in entries {
             match entry {
-                Ok(event) => {
-                    ids.push(event.stream_id.clone());
-                    events.push(event);
+                Ok(entry) => {
+                    ids.push(entry.id.clone());
+                    events.extend(entry);
                 }
                 Err(malformed) => {
                     tracing::error!(
@@ -221,6 +229,7 @@ impl Persister {
                 }
             }
         }
+        report.events = events.len();
         let applied = apply_batch(&self.db, &events, &self.fallback_epoch).await?;
         report.persisted = applied.persisted;
         report.heartbeats = applied.heartbeats;

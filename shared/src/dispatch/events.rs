@@ -2,8 +2,27 @@
 //! persister reads it with a consumer group, writes Postgres idempotently (the event's id is
 //! [`Event::persist_id`]) and acknowledges.
 //!
-//! Entry fields: `type`, `ts` (ms, Redis time), `ep` (the epoch, when set), `job`, `exec`,
-//! `machine`, `data` (a JSON object); empty fields are left out.
+//! # Entry format
+//!
+//! An entry holds one event, or two when one script call made two changes (the agent's
+//! `complete_claim`: the completion of one job, then the claim of the next), so that such a call
+//! costs one XADD. Empty fields are left out.
+//!
+//! | field | meaning |
+//! |---|---|
+//! | `type` | the first event's type (required) |
+//! | `ts` | ms since the Unix epoch, Redis time; optional: when absent, the ms part of the entry id (`<ms>-<seq>`) |
+//! | `ep` | the epoch, when set |
+//! | `job`, `exec`, `machine` | the first event's ids (UUIDs) |
+//! | `data` | the first event's data, a JSON object |
+//! | `type2` | the second event's type; required as soon as any other `…2` field is present |
+//! | `job2`, `exec2`, `machine2`, `data2` | the second event's ids and data |
+//!
+//! Both events share the entry's `ts` and `ep`, and its id ([`Event::stream_id`], what
+//! [`EventStream::ack`] takes): acknowledge an entry once, after all its events are applied.
+//! [`Event::part`] tells them apart (0, then 1) and makes [`Event::persist_id`] unique per event.
+//! An entry is parsed whole ([`EventEntry`]): if either event is malformed, the entry is a
+//! [`MalformedEvent`] and neither event is returned.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -94,11 +113,15 @@ impl fmt::Display for EventType {
     }
 }
 
-/// One entry of the events stream.
+/// One event of the events stream (an entry holds one or two, see the module doc).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
-    /// The stream entry id (`<ms>-<seq>`): what [`EventStream::ack`] takes.
+    /// The id of the stream entry holding it (`<ms>-<seq>`): what [`EventStream::ack`] takes.
     pub stream_id: String,
+    /// Which event of its entry: 0 for the first (`type`, `job`…), 1 for the second (`type2`,
+    /// `job2`…). Absent from events serialized before entries could hold two.
+    #[serde(default, skip_serializing_if = "is_first_part")]
+    pub part: u8,
     /// The epoch in force when it was written (`None` while Redis was being restored).
     pub epoch: Option<String>,
     #[serde(rename = "type")]
@@ -112,95 +135,24 @@ pub struct Event {
     pub data: Option<serde_json::Value>,
 }
 
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_first_part(part: &u8) -> bool {
+    *part == 0
+}
+
 impl Event {
-    /// The id to persist it under, unique across Redis losses: `<epoch>:<stream id>`, using the
-    /// event's own epoch, else `fallback_epoch` (what the persister read at start).
+    /// The id to persist it under, unique across Redis losses: `<epoch>:<stream id>` for the
+    /// first event of an entry, `<epoch>:<stream id>/<part>` for a later one (`…/1`), using the
+    /// event's own epoch, else `fallback_epoch` (what the persister read at start). The first
+    /// event's id is what every event had before entries could hold two, so rows persisted
+    /// before still deduplicate their replays.
     pub fn persist_id(&self, fallback_epoch: &str) -> String {
-        format!(
-            "{}:{}",
-            self.epoch.as_deref().unwrap_or(fallback_epoch),
-            self.stream_id
-        )
-    }
-
-    /// Builds an event from a stream entry's id and fields.
-    ///
-    /// # Errors
-    /// [`MalformedEvent`] for a missing type or timestamp, an id that is not a UUID, or data
-    /// that is not JSON.
-    pub fn from_fields<'a>(
-        stream_id: &str,
-        fields: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-    ) -> Result<Self, MalformedEvent> {
-        let bad = |reason: String| MalformedEvent {
-            stream_id: stream_id.to_owned(),
-            reason,
-        };
-        let mut event_type = None;
-        let mut ts = None;
-        let mut ev = Event {
-            stream_id: stream_id.to_owned(),
-            epoch: None,
-            event_type: EventType::Other(String::new()),
-            ts_ms: 0,
-            job_id: None,
-            execution_id: None,
-            machine_id: None,
-            data: None,
-        };
-        for (name, raw) in fields {
-            let text =
-                std::str::from_utf8(raw).map_err(|_| bad(format!("field {name} is not UTF-8")))?;
-            let uuid = || {
-                text.parse::<Uuid>()
-                    .map_err(|_| bad(format!("field {name} is not a UUID")))
-            };
-            match name {
-                "type" => event_type = Some(EventType::from(text.to_owned())),
-                "ts" => {
-                    ts = Some(
-                        text.parse::<u64>()
-                            .map_err(|_| bad("ts is not an integer".into()))?,
-                    );
-                }
-                "ep" => ev.epoch = Some(text.to_owned()),
-                "job" => ev.job_id = Some(uuid()?),
-                "exec" => ev.execution_id = Some(uuid()?),
-                "machine" => ev.machine_id = Some(uuid()?),
-                "data" => {
-                    ev.data = Some(
-                        serde_json::from_str(text)
-                            .map_err(|e| bad(format!("data is not JSON: {e}")))?,
-                    );
-                }
-                // Fields added by a newer version are ignored.
-                _ => {}
-            }
+        let epoch = self.epoch.as_deref().unwrap_or(fallback_epoch);
+        if self.part == 0 {
+            format!("{epoch}:{}", self.stream_id)
+        } else {
+            format!("{epoch}:{}/{}", self.stream_id, self.part)
         }
-        ev.event_type = event_type.ok_or_else(|| bad("no type".into()))?;
-        ev.ts_ms = ts.ok_or_else(|| bad("no ts".into()))?;
-        Ok(ev)
-    }
-
-    /// Builds an event from an entry as the `redis` crate's stream types hold it.
-    ///
-    /// # Errors
-    /// As [`Self::from_fields`]; also for a field that is not a string.
-    pub fn from_stream_id(entry: &redis::streams::StreamId) -> Result<Self, MalformedEvent> {
-        let mut fields = Vec::with_capacity(entry.map.len());
-        for (k, v) in &entry.map {
-            match v {
-                Value::BulkString(b) => fields.push((k.as_str(), b.as_slice())),
-                Value::SimpleString(s) => fields.push((k.as_str(), s.as_bytes())),
-                _ => {
-                    return Err(MalformedEvent {
-                        stream_id: entry.id.clone(),
-                        reason: format!("field {k} is not a string"),
-                    });
-                }
-            }
-        }
-        Self::from_fields(&entry.id, fields)
     }
 
     /// The data as the given type.
@@ -238,6 +190,206 @@ impl Event {
             EventType::MachineStatus => EventData::MachineStatus(self.data_as()?),
             EventType::Other(_) => EventData::Other,
         })
+    }
+}
+
+/// One entry of the events stream: its id and its one or two events, in the order they
+/// happened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventEntry {
+    /// The entry id (`<ms>-<seq>`): acknowledge it once, after every event is applied.
+    pub id: String,
+    /// The event of `type`, `job`… (part 0).
+    pub first: Event,
+    /// The event of `type2`, `job2`… (part 1), applied after the first.
+    pub second: Option<Event>,
+}
+
+impl EventEntry {
+    /// Builds an entry from its id and fields (see the module doc for the format).
+    ///
+    /// # Errors
+    /// [`MalformedEvent`] for a missing type (`type`, or `type2` next to other `…2` fields), a
+    /// missing `ts` with an id that is not `<ms>-<seq>`, a `ts` that is not an integer, an id
+    /// field that is not a UUID, or data that is not JSON. Nothing of the entry is returned then.
+    pub fn from_fields<'a>(
+        stream_id: &str,
+        fields: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Result<Self, MalformedEvent> {
+        let bad = |reason: String| MalformedEvent {
+            stream_id: stream_id.to_owned(),
+            reason,
+        };
+        let mut ts = None;
+        let mut epoch = None;
+        let mut parts = [PartFields::default(), PartFields::default()];
+        for (name, raw) in fields {
+            let text =
+                std::str::from_utf8(raw).map_err(|_| bad(format!("field {name} is not UTF-8")))?;
+            match name {
+                "ts" => {
+                    ts = Some(
+                        text.parse::<u64>()
+                            .map_err(|_| bad("ts is not an integer".into()))?,
+                    );
+                }
+                "ep" => epoch = Some(text.to_owned()),
+                _ => {
+                    // Fields added by a newer version are ignored.
+                    if let Some((field, part)) = EventField::of(name) {
+                        parts[part]
+                            .set(field, text)
+                            .map_err(|reason| bad(format!("field {name} {reason}")))?;
+                    }
+                }
+            }
+        }
+        let ts_ms = match ts {
+            Some(ts) => ts,
+            None => {
+                StreamIdNum::parse(stream_id)
+                    .ok_or_else(|| bad("no ts, and the entry id is not <ms>-<seq>".into()))?
+                    .0
+            }
+        };
+        let [first, second] = parts;
+        let event = |fields: PartFields, part: u8, event_type: EventType| Event {
+            stream_id: stream_id.to_owned(),
+            part,
+            epoch: epoch.clone(),
+            event_type,
+            ts_ms,
+            job_id: fields.job_id,
+            execution_id: fields.execution_id,
+            machine_id: fields.machine_id,
+            data: fields.data,
+        };
+        let first_type = first
+            .event_type
+            .clone()
+            .ok_or_else(|| bad("no type".into()))?;
+        let second = if second.is_empty() {
+            None
+        } else {
+            let second_type = second
+                .event_type
+                .clone()
+                .ok_or_else(|| bad("second event fields without type2".into()))?;
+            Some(event(second, 1, second_type))
+        };
+        Ok(Self {
+            id: stream_id.to_owned(),
+            first: event(first, 0, first_type),
+            second,
+        })
+    }
+
+    /// Builds an entry as the `redis` crate's stream types hold it.
+    ///
+    /// # Errors
+    /// As [`Self::from_fields`]; also for a field that is not a string.
+    pub fn from_stream_id(entry: &redis::streams::StreamId) -> Result<Self, MalformedEvent> {
+        let mut fields = Vec::with_capacity(entry.map.len());
+        for (k, v) in &entry.map {
+            match v {
+                Value::BulkString(b) => fields.push((k.as_str(), b.as_slice())),
+                Value::SimpleString(s) => fields.push((k.as_str(), s.as_bytes())),
+                _ => {
+                    return Err(MalformedEvent {
+                        stream_id: entry.id.clone(),
+                        reason: format!("field {k} is not a string"),
+                    });
+                }
+            }
+        }
+        Self::from_fields(&entry.id, fields)
+    }
+
+    /// Its events, in order.
+    pub fn events(&self) -> impl Iterator<Item = &Event> {
+        std::iter::once(&self.first).chain(self.second.as_ref())
+    }
+
+    /// How many events it holds (1 or 2).
+    pub fn event_count(&self) -> usize {
+        1 + usize::from(self.second.is_some())
+    }
+}
+
+impl IntoIterator for EventEntry {
+    type Item = Event;
+    type IntoIter = std::iter::Chain<std::iter::Once<Event>, std::option::IntoIter<Event>>;
+
+    /// Its events, in order.
+    fn into_iter(self) -> Self::IntoIter {
+        std::iter::once(self.first).chain(self.second)
+    }
+}
+
+/// A per-event field of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EventField {
+    Type,
+    Job,
+    Exec,
+    Machine,
+    Data,
+}
+
+impl EventField {
+    /// The field a name stands for and which event (0 or 1) it belongs to; `None` for names
+    /// that are not per-event fields.
+    fn of(name: &str) -> Option<(Self, usize)> {
+        let (base, part) = match name.strip_suffix('2') {
+            Some(base) => (base, 1),
+            None => (name, 0),
+        };
+        let field = match base {
+            "type" => Self::Type,
+            "job" => Self::Job,
+            "exec" => Self::Exec,
+            "machine" => Self::Machine,
+            "data" => Self::Data,
+            _ => return None,
+        };
+        Some((field, part))
+    }
+}
+
+/// One event's own fields, as read so far.
+#[derive(Debug, Default)]
+struct PartFields {
+    event_type: Option<EventType>,
+    job_id: Option<Uuid>,
+    execution_id: Option<Uuid>,
+    machine_id: Option<Uuid>,
+    data: Option<serde_json::Value>,
+}
+
+impl PartFields {
+    /// Sets a field from its text; the error says what is wrong with it.
+    fn set(&mut self, field: EventField, text: &str) -> Result<(), String> {
+        let uuid = || text.parse::<Uuid>().map_err(|_| "is not a UUID".to_owned());
+        match field {
+            EventField::Type => self.event_type = Some(EventType::from(text.to_owned())),
+            EventField::Job => self.job_id = Some(uuid()?),
+            EventField::Exec => self.execution_id = Some(uuid()?),
+            EventField::Machine => self.machine_id = Some(uuid()?),
+            EventField::Data => {
+                self.data =
+                    Some(serde_json::from_str(text).map_err(|e| format!("is not JSON: {e}"))?);
+            }
+        }
+        Ok(())
+    }
+
+    /// No field of this event was present.
+    fn is_empty(&self) -> bool {
+        self.event_type.is_none()
+            && self.job_id.is_none()
+            && self.execution_id.is_none()
+            && self.machine_id.is_none()
+            && self.data.is_none()
     }
 }
 
@@ -362,7 +514,8 @@ pub struct MachineStatusData {
 pub struct AutoClaimed {
     /// Where to continue (`0-0` when the scan is complete).
     pub next_start: String,
-    pub events: Vec<Result<Event, MalformedEvent>>,
+    /// The entries taken over, each with its events in order.
+    pub entries: Vec<Result<EventEntry, MalformedEvent>>,
     /// Pending entries that no longer exist (trimmed): acknowledge them.
     pub deleted: Vec<String>,
 }
@@ -421,7 +574,7 @@ impl EventStream {
         consumer: &str,
         count: usize,
         block: Option<Duration>,
-    ) -> Result<Vec<Result<Event, MalformedEvent>>, DispatchError> {
+    ) -> Result<Vec<Result<EventEntry, MalformedEvent>>, DispatchError> {
         self.xreadgroup(con, group, consumer, count, block, ">")
             .await
     }
@@ -437,7 +590,7 @@ impl EventStream {
         group: &str,
         consumer: &str,
         count: usize,
-    ) -> Result<Vec<Result<Event, MalformedEvent>>, DispatchError> {
+    ) -> Result<Vec<Result<EventEntry, MalformedEvent>>, DispatchError> {
         self.xreadgroup(con, group, consumer, count, None, "0")
             .await
     }
@@ -450,7 +603,7 @@ impl EventStream {
         count: usize,
         block: Option<Duration>,
         from: &str,
-    ) -> Result<Vec<Result<Event, MalformedEvent>>, DispatchError> {
+    ) -> Result<Vec<Result<EventEntry, MalformedEvent>>, DispatchError> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(group)
@@ -532,12 +685,12 @@ impl EventStream {
         } else {
             Vec::new()
         };
-        let events = parse_entries(parts.remove(1));
+        let entries = parse_entries(parts.remove(1));
         let next_start =
             redis::from_redis_value(parts.remove(0)).map_err(|e| unexpected(e.to_string()))?;
         Ok(AutoClaimed {
             next_start,
-            events,
+            entries,
             deleted,
         })
     }
@@ -635,7 +788,7 @@ impl EventStream {
         start: &str,
         end: &str,
         count: usize,
-    ) -> Result<Vec<Result<Event, MalformedEvent>>, DispatchError> {
+    ) -> Result<Vec<Result<EventEntry, MalformedEvent>>, DispatchError> {
         let v: Value = redis::cmd("XRANGE")
             .arg(&self.key)
             .arg(start)
@@ -682,7 +835,7 @@ impl fmt::Display for StreamIdNum {
 
 /// Parses `[[id, [field, value, …]], …]`; an entry whose fields are nil (trimmed while pending)
 /// or unreadable becomes a [`MalformedEvent`] so the caller can acknowledge it.
-fn parse_entries(v: Value) -> Vec<Result<Event, MalformedEvent>> {
+fn parse_entries(v: Value) -> Vec<Result<EventEntry, MalformedEvent>> {
     let Value::Array(entries) = v else {
         return Vec::new();
     };
@@ -710,7 +863,7 @@ fn parse_entries(v: Value) -> Vec<Result<Event, MalformedEvent>> {
         .collect()
 }
 
-fn parse_fields(id: &str, fields: Value) -> Result<Event, MalformedEvent> {
+fn parse_fields(id: &str, fields: Value) -> Result<EventEntry, MalformedEvent> {
     let bad = |reason: &str| MalformedEvent {
         stream_id: id.to_owned(),
         reason: reason.to_owned(),
@@ -744,7 +897,7 @@ fn parse_fields(id: &str, fields: Value) -> Result<Event, MalformedEvent> {
         let k = std::str::from_utf8(k).map_err(|_| bad("a field name is not UTF-8"))?;
         named.push((k, v.as_slice()));
     }
-    Event::from_fields(id, named)
+    EventEntry::from_fields(id, named)
 }
 
 fn bytes(v: Value) -> Option<Vec<u8>> {
@@ -763,4 +916,315 @@ pub fn count_by_type<'a>(events: impl IntoIterator<Item = &'a Event>) -> HashMap
         *m.entry(e.event_type.as_str().to_owned()).or_insert(0) += 1;
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB_A: &str = "0190f2a0-0000-7000-8000-00000000000a";
+    const JOB_B: &str = "0190f2a0-0000-7000-8000-00000000000b";
+    const EXEC_A: &str = "0190f2a0-0000-7000-8000-0000000000ea";
+    const EXEC_B: &str = "0190f2a0-0000-7000-8000-0000000000eb";
+    const MACHINE: &str = "0190f2a0-0000-7000-8000-0000000000cc";
+
+    fn entry(id: &str, fields: &[(&str, &str)]) -> Result<EventEntry, MalformedEvent> {
+        EventEntry::from_fields(id, fields.iter().map(|(k, v)| (*k, v.as_bytes())))
+    }
+
+    fn uuid(s: &str) -> Uuid {
+        s.parse().unwrap()
+    }
+
+    /// What the completion-then-claim script will write: two events in one entry.
+    fn complete_then_claim() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("type", "job.completed"),
+            ("ts", "1700000000500"),
+            ("ep", "e7"),
+            ("job", JOB_A),
+            ("exec", EXEC_A),
+            ("machine", MACHINE),
+            (
+                "data",
+                r#"{"attempts":1,"exec_status":"COMPLETED","outputs":[]}"#,
+            ),
+            ("type2", "job.claimed"),
+            ("job2", JOB_B),
+            ("exec2", EXEC_B),
+            ("machine2", MACHINE),
+            (
+                "data2",
+                r#"{"attempts":1,"user_id":"0190f2a0-0000-7000-8000-0000000000dd","deadline_ms":1700000600500}"#,
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_single_event_entry_parses_as_before() {
+        let e = entry(
+            "1700000000000-3",
+            &[
+                ("type", "job.claimed"),
+                ("ts", "1700000000123"),
+                ("ep", "e1"),
+                ("job", JOB_A),
+                ("exec", EXEC_A),
+                ("machine", MACHINE),
+                ("data", r#"{"attempts":2}"#),
+            ],
+        )
+        .unwrap();
+        assert_eq!(e.id, "1700000000000-3");
+        assert!(e.second.is_none());
+        assert_eq!(e.event_count(), 1);
+        let first = &e.first;
+        assert_eq!(first.stream_id, "1700000000000-3");
+        assert_eq!(first.part, 0);
+        assert_eq!(first.epoch.as_deref(), Some("e1"));
+        assert_eq!(first.event_type, EventType::JobClaimed);
+        // An explicit ts wins over the id's time.
+        assert_eq!(first.ts_ms, 1_700_000_000_123);
+        assert_eq!(first.job_id, Some(uuid(JOB_A)));
+        assert_eq!(first.execution_id, Some(uuid(EXEC_A)));
+        assert_eq!(first.machine_id, Some(uuid(MACHINE)));
+        assert_eq!(first.data, Some(serde_json::json!({"attempts": 2})));
+        assert_eq!(first.persist_id("x"), "e1:1700000000000-3");
+        let events: Vec<Event> = e.into_iter().collect();
+        assert_eq!(events.len(), 1);
+    }
+
+    #[test]
+    fn a_two_event_entry_yields_both_in_order() {
+        let e = entry("1700000000499-0", &complete_then_claim()).unwrap();
+        assert_eq!(e.event_count(), 2);
+        let events: Vec<&Event> = e.events().collect();
+        let (first, second) = (events[0], events[1]);
+        assert_eq!(first.event_type, EventType::JobCompleted);
+        assert_eq!(first.part, 0);
+        assert_eq!(first.job_id, Some(uuid(JOB_A)));
+        assert_eq!(first.execution_id, Some(uuid(EXEC_A)));
+        assert!(matches!(
+            first.typed_data().unwrap(),
+            EventData::JobCompleted(_)
+        ));
+        assert_eq!(second.event_type, EventType::JobClaimed);
+        assert_eq!(second.part, 1);
+        assert_eq!(second.job_id, Some(uuid(JOB_B)));
+        assert_eq!(second.execution_id, Some(uuid(EXEC_B)));
+        assert_eq!(second.machine_id, Some(uuid(MACHINE)));
+        let EventData::JobClaimed(claimed) = second.typed_data().unwrap() else {
+            panic!("claim data");
+        };
+        assert_eq!(claimed.deadline_ms, 1_700_000_600_500);
+        // The entry's id, ts and epoch are shared.
+        for event in [first, second] {
+            assert_eq!(event.stream_id, "1700000000499-0");
+            assert_eq!(event.ts_ms, 1_700_000_000_500);
+            assert_eq!(event.epoch.as_deref(), Some("e7"));
+        }
+        assert_eq!(first.persist_id("x"), "e7:1700000000499-0");
+        assert_eq!(second.persist_id("x"), "e7:1700000000499-0/1");
+        let owned: Vec<Event> = e.clone().into_iter().collect();
+        assert_eq!(owned, vec![e.first.clone(), e.second.clone().unwrap()]);
+    }
+
+    #[test]
+    fn field_order_does_not_matter() {
+        let mut fields = complete_then_claim();
+        fields.reverse();
+        let reversed = entry("5-1", &fields).unwrap();
+        let straight = entry("5-1", &complete_then_claim()).unwrap();
+        assert_eq!(reversed, straight);
+        assert_eq!(reversed.first.event_type, EventType::JobCompleted);
+    }
+
+    #[test]
+    fn persist_ids_fall_back_to_the_given_epoch() {
+        let mut fields = complete_then_claim();
+        fields.retain(|(k, _)| *k != "ep");
+        let e = entry("9-2", &fields).unwrap();
+        assert_eq!(e.first.persist_id("none"), "none:9-2");
+        assert_eq!(e.second.unwrap().persist_id("none"), "none:9-2/1");
+    }
+
+    #[test]
+    fn without_ts_the_time_is_the_entry_ids() {
+        let e = entry(
+            "1700000000777-12",
+            &[("type", "job.claimed"), ("type2", "job.completed")],
+        )
+        .unwrap();
+        assert_eq!(e.first.ts_ms, 1_700_000_000_777);
+        assert_eq!(e.second.unwrap().ts_ms, 1_700_000_000_777);
+    }
+
+    #[test]
+    fn without_ts_a_malformed_id_is_malformed() {
+        for id in [
+            "",
+            "abc",
+            "1700000000777",
+            "1700000000777-",
+            "x-1",
+            "1-2-3",
+            "-1",
+        ] {
+            let err = entry(id, &[("type", "job.claimed")]).unwrap_err();
+            assert_eq!(err.stream_id, id);
+            assert!(err.reason.contains("no ts"), "{id}: {}", err.reason);
+        }
+        // With a ts the id is not read (as before).
+        assert_eq!(
+            entry("abc", &[("type", "job.claimed"), ("ts", "5")])
+                .unwrap()
+                .first
+                .ts_ms,
+            5
+        );
+        let err = entry("5-0", &[("type", "job.claimed"), ("ts", "soon")]).unwrap_err();
+        assert!(err.reason.contains("ts"), "{}", err.reason);
+    }
+
+    #[test]
+    fn a_bad_second_event_makes_the_whole_entry_malformed() {
+        let cases: [(&str, &str, &str); 5] = [
+            ("job2", "not-a-uuid", "job2"),
+            ("exec2", "42", "exec2"),
+            ("machine2", "", "machine2"),
+            ("data2", "{not json", "data2"),
+            ("type2", "", ""),
+        ];
+        for (name, value, expect) in cases {
+            let mut fields = complete_then_claim();
+            if name == "type2" {
+                // Other `…2` fields without a type for them.
+                fields.retain(|(k, _)| *k != "type2");
+            } else {
+                for field in &mut fields {
+                    if field.0 == name {
+                        field.1 = value;
+                    }
+                }
+            }
+            let err = entry("7-0", &fields).unwrap_err();
+            assert_eq!(err.stream_id, "7-0");
+            assert!(err.reason.contains(expect), "{name}: {}", err.reason);
+        }
+        let err = entry("7-0", &[("type", "job.claimed"), ("job2", JOB_B)]).unwrap_err();
+        assert!(err.reason.contains("type2"), "{}", err.reason);
+    }
+
+    #[test]
+    fn a_bad_first_event_is_malformed_as_before() {
+        let err = entry("7-0", &[("ts", "1"), ("type2", "job.claimed")]).unwrap_err();
+        assert_eq!(err.reason, "no type");
+        let err = entry("7-0", &[("type", "job.claimed"), ("job", "nope")]).unwrap_err();
+        assert!(err.reason.contains("job"), "{}", err.reason);
+        let bytes: &[(&str, &[u8])] = &[("type", b"job.claimed"), ("job", b"\xff")];
+        let err = EventEntry::from_fields("7-0", bytes.iter().copied()).unwrap_err();
+        assert!(err.reason.contains("UTF-8"), "{}", err.reason);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let e = entry(
+            "3-0",
+            &[
+                ("type", "job.claimed"),
+                ("ts2", "99"),
+                ("ep2", "e9"),
+                ("extra2", "x"),
+                ("extra", "y"),
+            ],
+        )
+        .unwrap();
+        assert!(e.second.is_none());
+        assert_eq!(e.first.ts_ms, 3);
+        assert_eq!(e.first.epoch, None);
+    }
+
+    #[test]
+    fn from_stream_id_reads_both_events() {
+        let mut map = HashMap::new();
+        for (k, v) in complete_then_claim() {
+            map.insert(k.to_owned(), Value::BulkString(v.as_bytes().to_vec()));
+        }
+        let id = redis::streams::StreamId {
+            id: "11-0".into(),
+            map,
+            ..Default::default()
+        };
+        let e = EventEntry::from_stream_id(&id).unwrap();
+        assert_eq!(e, entry("11-0", &complete_then_claim()).unwrap());
+        let mut bad = id.clone();
+        bad.map.insert("job2".into(), Value::Int(1));
+        assert!(EventEntry::from_stream_id(&bad).is_err());
+    }
+
+    #[test]
+    fn stream_replies_parse_per_entry() {
+        let flat = |fields: &[(&str, &str)]| {
+            Value::Array(
+                fields
+                    .iter()
+                    .flat_map(|(k, v)| {
+                        [
+                            Value::BulkString(k.as_bytes().to_vec()),
+                            Value::BulkString(v.as_bytes().to_vec()),
+                        ]
+                    })
+                    .collect(),
+            )
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::BulkString(b"1-0".to_vec()),
+                flat(&[("type", "job.submitted")]),
+            ]),
+            Value::Array(vec![
+                Value::BulkString(b"2-0".to_vec()),
+                flat(&complete_then_claim()),
+            ]),
+            // Trimmed while pending.
+            Value::Array(vec![Value::BulkString(b"3-0".to_vec()), Value::Nil]),
+            Value::Array(vec![
+                Value::BulkString(b"4-0".to_vec()),
+                flat(&[("type", "job.claimed"), ("exec2", "bad")]),
+            ]),
+        ]);
+        let parsed = parse_entries(reply);
+        assert_eq!(parsed.len(), 4, "one result per entry");
+        let one = parsed[0].as_ref().unwrap();
+        assert_eq!((one.id.as_str(), one.event_count()), ("1-0", 1));
+        assert_eq!(one.first.ts_ms, 1);
+        let two = parsed[1].as_ref().unwrap();
+        assert_eq!((two.id.as_str(), two.event_count()), ("2-0", 2));
+        let types: Vec<&str> = two.events().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types, ["job.completed", "job.claimed"]);
+        assert_eq!(parsed[2].as_ref().unwrap_err().stream_id, "3-0");
+        assert_eq!(parsed[3].as_ref().unwrap_err().stream_id, "4-0");
+    }
+
+    #[test]
+    fn serialized_events_without_part_still_deserialize() {
+        let old = serde_json::json!({
+            "stream_id": "5-0",
+            "epoch": "e1",
+            "type": "job.claimed",
+            "ts_ms": 5,
+            "job_id": null,
+            "execution_id": null,
+            "machine_id": null,
+            "data": null,
+        });
+        let event: Event = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(event.part, 0);
+        // A first event serializes exactly as before; a second one carries its part.
+        assert_eq!(serde_json::to_value(&event).unwrap(), old);
+        let second = Event { part: 1, ..event };
+        let json = serde_json::to_value(&second).unwrap();
+        assert_eq!(json["part"], 1);
+        assert_eq!(serde_json::from_value::<Event>(json).unwrap(), second);
+    }
 }

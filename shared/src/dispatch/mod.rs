@@ -139,7 +139,7 @@ pub mod bench;
 
 pub use client::{Dispatch, UserCounts};
 pub use error::{DispatchError, MalformedEvent};
-pub use events::{Event, EventData, EventStream, EventType};
+pub use events::{Event, EventData, EventEntry, EventStream, EventType};
 pub use keys::{Keys, check_class_id};
 pub use types::{
     AgentState, CancelOutcome, CancelledResult, ClaimOutcome, ClaimedJob, CompleteAndClaim,
