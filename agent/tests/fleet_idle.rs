@@ -37,9 +37,9 @@ async fn an_idle_agent_issues_only_a_few_redis_commands() {
         };
         count(&after) - count(&before)
     };
-    // What the agent sent: scripts count once, as EVALSHA; a class read is one MULTI block.
+    // What the agent sent: functions count once, as FCALL; a class read is one MULTI block.
     // (GET, HGET… also run inside the scripts, so they are counted with the total below.)
-    let sent: Vec<(&str, u64)> = ["evalsha", "blpop", "multi", "ping"]
+    let sent: Vec<(&str, u64)> = ["fcall", "blpop", "multi", "ping"]
         .into_iter()
         .map(|name| (name, delta(name)))
         .filter(|(_, calls)| *calls > 0)

@@ -1253,10 +1253,10 @@ async fn register_reuses_ids_and_sweep_marks_silent_boxes_offline() {
     c.cleanup().await;
 }
 
-/// Script SHA and KEYS of every EVALSHA seen.
+/// Function name and KEYS of every FCALL seen.
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<String>)>>>;
 
-/// Records the keys of every EVALSHA sent through it.
+/// Records the keys of every FCALL sent through it.
 struct Recording {
     inner: ConnectionManager,
     seen: Seen,
@@ -1276,15 +1276,15 @@ impl redis::aio::ConnectionLike for Recording {
             .collect();
         if args
             .first()
-            .is_some_and(|a| a.eq_ignore_ascii_case(b"EVALSHA"))
+            .is_some_and(|a| a.eq_ignore_ascii_case(b"FCALL"))
         {
-            let sha = String::from_utf8_lossy(&args[1]).into_owned();
+            let function = String::from_utf8_lossy(&args[1]).into_owned();
             let n: usize = String::from_utf8_lossy(&args[2]).parse().unwrap();
             let keys = args[3..3 + n]
                 .iter()
                 .map(|k| String::from_utf8_lossy(k).into_owned())
                 .collect();
-            self.seen.lock().unwrap().push((sha, keys));
+            self.seen.lock().unwrap().push((function, keys));
         }
         self.inner.req_packed_command(cmd)
     }
@@ -1353,13 +1353,13 @@ async fn every_script_declares_keys_under_one_hash_tag() {
     d.deregister(&mut rec, &m).await.unwrap();
 
     let seen = seen.lock().unwrap().clone();
-    let shas: HashSet<&String> = seen.iter().map(|(sha, _)| sha).collect();
-    assert_eq!(shas.len(), d.script_hashes().len(), "every script ran");
+    let functions: HashSet<&String> = seen.iter().map(|(f, _)| f).collect();
+    assert_eq!(functions.len(), d.functions().len(), "every function ran");
     let tag = d.keys().hash_tag();
-    for (sha, keys) in &seen {
-        assert!(!keys.is_empty(), "{sha} declares no keys");
+    for (function, keys) in &seen {
+        assert!(!keys.is_empty(), "{function} declares no keys");
         for k in keys {
-            assert!(k.starts_with(&format!("{tag}:")), "{sha}: {k}");
+            assert!(k.starts_with(&format!("{tag}:")), "{function}: {k}");
         }
     }
     c.cleanup().await;

@@ -106,11 +106,11 @@ impl Report {
     /// Says when the server ran more script calls during a run than this client sent: another
     /// client used the same Redis then, and the Redis-wide counters include its work.
     pub fn note_foreign(&mut self, run: &str, r: &BenchReport) {
-        let server = r.command_deltas.get("evalsha").copied().unwrap_or(0);
+        let server = r.command_deltas.get("fcall").copied().unwrap_or(0);
         let ours = (r.client_commands_per_job * r.cycles.max(1) as f64).round() as u64;
         if server > ours {
             self.details.push(format!(
-                "{run}: Redis ran {} more EVALSHA than this client sent: another client was \
+                "{run}: Redis ran {} more FCALL than this client sent: another client was \
                  busy on the same Redis, and its commands and CPU are in these counters.",
                 server - ours
             ));

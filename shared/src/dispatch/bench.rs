@@ -172,7 +172,7 @@ pub fn command_deltas<S: std::hash::BuildHasher>(
 }
 
 /// Redis-wide counters at one moment: calls and time per command (`INFO commandstats`, which
-/// counts the commands scripts run too; an EVALSHA's time includes its commands') and the
+/// counts the commands functions and scripts run too; an FCALL's time includes its commands') and the
 /// server's CPU time (`INFO cpu`, user + system).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServerStats {
@@ -240,6 +240,9 @@ pub struct StatsDelta {
 /// Commands a dispatch client sends itself (everything else counted during a benchmark ran
 /// inside scripts, or came from another client of the same Redis).
 const CLIENT_COMMANDS: &[&str] = &[
+    "fcall",
+    "fcall_ro",
+    "function|load",
     "evalsha",
     "evalsha_ro",
     "eval",
@@ -271,7 +274,7 @@ impl StatsDelta {
         self.calls.get(command).copied().unwrap_or(0)
     }
 
-    /// Commands run inside scripts: every call except those clients send (EVALSHA, BLPOP,
+    /// Commands run inside scripts: every call except those clients send (FCALL, BLPOP,
     /// INFO…). Redis-wide, so other clients' plain commands would be counted too.
     pub fn inside_scripts(&self) -> u64 {
         self.calls
@@ -281,13 +284,20 @@ impl StatsDelta {
             .sum()
     }
 
-    /// Microseconds Redis spent in script calls (EVALSHA, their commands included) and, of
+    /// Microseconds Redis spent in function and script calls (FCALL, their commands included) and, of
     /// those, in the commands the scripts ran: the rest is Lua and the glue between the two.
     pub fn script_time(&self) -> (u64, u64) {
-        let scripts = ["evalsha", "evalsha_ro", "eval", "eval_ro"]
-            .iter()
-            .filter_map(|c| self.usec.get(*c))
-            .sum();
+        let scripts = [
+            "fcall",
+            "fcall_ro",
+            "evalsha",
+            "evalsha_ro",
+            "eval",
+            "eval_ro",
+        ]
+        .iter()
+        .filter_map(|c| self.usec.get(*c))
+        .sum();
         let inside = self
             .usec
             .iter()

@@ -62,27 +62,27 @@ impl Dispatch {
         &self.keys
     }
 
-    /// Loads every script into Redis's script cache (`SCRIPT LOAD`). The control plane calls it
-    /// at start and after a Redis restart; agents may lack the right to.
+    /// Loads the dispatch function library (`FUNCTION LOAD REPLACE`: every function at once).
+    /// The control plane calls it at start and after a Redis restart; agents may lack the right
+    /// to.
     ///
     /// # Errors
-    /// [`DispatchError::ScriptNotLoaded`] when this user may not load scripts, or a Redis error.
+    /// [`DispatchError::ScriptNotLoaded`] when this user may not load functions, or a Redis
+    /// error.
     pub async fn load_all<C: ConnectionLike + Send>(
         &self,
         con: &mut C,
     ) -> Result<(), DispatchError> {
-        for lua in self.scripts.all() {
-            lua.load(con).await?;
-        }
-        Ok(())
+        self.scripts.load(con).await
     }
 
-    /// The SHA1 of every script by name (for ACL docs and diagnostics).
-    pub fn script_hashes(&self) -> Vec<(&'static str, String)> {
+    /// Every function as (our name, its name in Redis), e.g. `("claim", "emp_<hash>_claim")`,
+    /// for ACL docs and diagnostics.
+    pub fn functions(&self) -> Vec<(&'static str, String)> {
         self.scripts
             .all()
             .iter()
-            .map(|l| (l.name, l.sha().to_owned()))
+            .map(|l| (l.name, l.function().to_owned()))
             .collect()
     }
 

@@ -1,84 +1,101 @@
-//! The Lua scripts, loaded once per process, and how they are called: `EVALSHA` always (agents
-//! may run only already-loaded scripts); on `NOSCRIPT`, one `SCRIPT LOAD` and one retry, or a
-//! clear [`DispatchError::ScriptNotLoaded`] where the user may not load scripts.
+//! The Lua functions and how they are called. All of them form one function library (Redis 7
+//! functions), loaded once with `FUNCTION LOAD` by the control plane: its helpers are built once,
+//! at load, instead of on every call as a script's would be, and each call (`FCALL`) runs only
+//! its function's body. The library and every function carry a hash of the whole code in their
+//! names (`emp_<hash>`, `emp_<hash>_claim`…), so two builds with different code never call each
+//! other's functions (a rolling upgrade runs both side by side). When Redis does not know a
+//! function (it restarted empty, or `FUNCTION FLUSH` ran), the library is loaded and the call
+//! retried once; agents, whose ACL users may only `FCALL`, get a clear
+//! [`DispatchError::ScriptNotLoaded`] instead.
 
+use std::sync::Arc;
+
+use redis::Value;
 use redis::aio::ConnectionLike;
-use redis::{ErrorKind, ServerErrorKind, Value};
 
 use super::error::DispatchError;
 
-/// One script: its name (for errors and logs) and its code with the common helpers in front.
+/// The helpers every function shares, in the order they are glued.
+const HELPERS: &[(&str, &str)] = &[
+    ("common.lua", include_str!("lua/common.lua")),
+    ("lifecycle.lua", include_str!("lua/lifecycle.lua")),
+    ("claim_next.lua", include_str!("lua/claim_next.lua")),
+];
+
+/// Every function: its name and its body (run after `begin`, with the helpers above in scope).
+macro_rules! bodies {
+    ($($name:literal),* $(,)?) => {
+        &[$(($name, include_str!(concat!("lua/", $name, ".lua")))),*]
+    };
+}
+const BODIES: &[(&str, &str)] = bodies![
+    "init_epoch",
+    "enqueue",
+    "cancel",
+    "claim",
+    "heartbeat",
+    "register",
+    "deregister",
+    "machine_admin",
+    "sweep_machines",
+    "progress",
+    "complete",
+    "complete_claim",
+    "fail",
+    "cancelled",
+    "release",
+    "requeue_expired",
+];
+
+/// The library's code and name.
+#[derive(Debug)]
+struct Library {
+    /// `emp_<hash>`: the first 16 hex digits of the SHA1 of everything below the first line.
+    name: String,
+    code: String,
+}
+
+impl Library {
+    fn build() -> Self {
+        let mut body = String::new();
+        for (file, code) in HELPERS {
+            body.push_str("\n-- ");
+            body.push_str(file);
+            body.push('\n');
+            body.push_str(code);
+        }
+        for (name, code) in BODIES {
+            body.push_str("\n-- ");
+            body.push_str(name);
+            body.push_str(".lua\nredis.register_function('@@_");
+            body.push_str(name);
+            body.push_str("', function(keys, args)\nbegin(keys, args)\n");
+            body.push_str(code);
+            body.push_str("\nend)\n");
+        }
+        // The hash covers the code with a placeholder where the name goes, so it names the
+        // code alone.
+        let hash = redis::Script::new(&body).get_hash()[..16].to_owned();
+        let name = format!("emp_{hash}");
+        let code = format!(
+            "#!lua name={name}\n{}",
+            body.replace("'@@_", &format!("'{name}_"))
+        );
+        Self { name, code }
+    }
+}
+
+/// One function: its name (for errors and logs), its name in Redis, and the library that holds
+/// it.
 #[derive(Debug, Clone)]
 pub(crate) struct Lua {
     pub(crate) name: &'static str,
-    script: redis::Script,
+    function: String,
+    library: Arc<Library>,
 }
 
-/// Every script is `common.lua` followed by its own body: Redis Lua has no modules, and one
-/// chunk keeps the helpers' locals visible to the body. Scripts that end, requeue or fence
-/// executions also get `lifecycle.lua` in between (`lua!(name, lifecycle)`); the others leave it
-/// out, because every helper a chunk defines is built again on each call. The claiming scripts
-/// (`claim`, `complete_claim`) also get `claim_next.lua`, the claim itself.
-macro_rules! lua {
-    ($name:literal, claim) => {
-        Lua {
-            name: $name,
-            script: redis::Script::new(concat!(
-                include_str!("lua/common.lua"),
-                "\n-- claim_next.lua\n",
-                include_str!("lua/claim_next.lua"),
-                "\n-- ",
-                $name,
-                ".lua\n",
-                include_str!(concat!("lua/", $name, ".lua"))
-            )),
-        }
-    };
-    ($name:literal, lifecycle, claim) => {
-        Lua {
-            name: $name,
-            script: redis::Script::new(concat!(
-                include_str!("lua/common.lua"),
-                "\n-- lifecycle.lua\n",
-                include_str!("lua/lifecycle.lua"),
-                "\n-- claim_next.lua\n",
-                include_str!("lua/claim_next.lua"),
-                "\n-- ",
-                $name,
-                ".lua\n",
-                include_str!(concat!("lua/", $name, ".lua"))
-            )),
-        }
-    };
-    ($name:literal) => {
-        Lua {
-            name: $name,
-            script: redis::Script::new(concat!(
-                include_str!("lua/common.lua"),
-                "\n-- ",
-                $name,
-                ".lua\n",
-                include_str!(concat!("lua/", $name, ".lua"))
-            )),
-        }
-    };
-    ($name:literal, lifecycle) => {
-        Lua {
-            name: $name,
-            script: redis::Script::new(concat!(
-                include_str!("lua/common.lua"),
-                "\n-- lifecycle.lua\n",
-                include_str!("lua/lifecycle.lua"),
-                "\n-- ",
-                $name,
-                ".lua\n",
-                include_str!(concat!("lua/", $name, ".lua"))
-            )),
-        }
-    };
-}
-
-/// All dispatch scripts. Building it hashes each script once; nothing is sent to Redis.
+/// Every dispatch function. Building it assembles and hashes the library once; nothing is sent
+/// to Redis.
 #[derive(Debug, Clone)]
 pub(crate) struct Scripts {
     pub(crate) init_epoch: Lua,
@@ -101,23 +118,32 @@ pub(crate) struct Scripts {
 
 impl Scripts {
     pub(crate) fn new() -> Self {
+        let library = Arc::new(Library::build());
+        let lua = |name: &'static str| {
+            debug_assert!(BODIES.iter().any(|(n, _)| *n == name), "{name}");
+            Lua {
+                name,
+                function: format!("{}_{name}", library.name),
+                library: library.clone(),
+            }
+        };
         Self {
-            init_epoch: lua!("init_epoch"),
-            enqueue: lua!("enqueue"),
-            cancel: lua!("cancel", lifecycle),
-            claim: lua!("claim", claim),
-            heartbeat: lua!("heartbeat"),
-            register: lua!("register"),
-            deregister: lua!("deregister", lifecycle),
-            machine_admin: lua!("machine_admin"),
-            sweep_machines: lua!("sweep_machines"),
-            progress: lua!("progress", lifecycle),
-            complete: lua!("complete", lifecycle),
-            complete_claim: lua!("complete_claim", lifecycle, claim),
-            fail: lua!("fail", lifecycle),
-            cancelled: lua!("cancelled", lifecycle),
-            release: lua!("release", lifecycle),
-            requeue_expired: lua!("requeue_expired", lifecycle),
+            init_epoch: lua("init_epoch"),
+            enqueue: lua("enqueue"),
+            cancel: lua("cancel"),
+            claim: lua("claim"),
+            heartbeat: lua("heartbeat"),
+            register: lua("register"),
+            deregister: lua("deregister"),
+            machine_admin: lua("machine_admin"),
+            sweep_machines: lua("sweep_machines"),
+            progress: lua("progress"),
+            complete: lua("complete"),
+            complete_claim: lua("complete_claim"),
+            fail: lua("fail"),
+            cancelled: lua("cancelled"),
+            release: lua("release"),
+            requeue_expired: lua("requeue_expired"),
         }
     }
 
@@ -141,21 +167,40 @@ impl Scripts {
             &self.requeue_expired,
         ]
     }
-}
 
-impl Lua {
-    /// The script's SHA1, as `EVALSHA` wants it.
-    pub(crate) fn sha(&self) -> &str {
-        self.script.get_hash()
-    }
-
-    /// `SCRIPT LOAD`.
+    /// `FUNCTION LOAD REPLACE` of the library (all functions at once).
     pub(crate) async fn load<C: ConnectionLike + Send>(
         &self,
         con: &mut C,
     ) -> Result<(), DispatchError> {
-        self.script
-            .load_async(con)
+        self.claim.load(con).await
+    }
+}
+
+/// Whether Redis answered that it knows no such function.
+fn function_missing(err: &redis::RedisError) -> bool {
+    err.detail()
+        .or_else(|| err.code())
+        .is_some_and(|d| d.contains("Function not found"))
+        || err.to_string().contains("Function not found")
+}
+
+impl Lua {
+    /// The function's name in Redis, as `FCALL` wants it.
+    pub(crate) fn function(&self) -> &str {
+        &self.function
+    }
+
+    /// `FUNCTION LOAD REPLACE` of the library this function belongs to.
+    pub(crate) async fn load<C: ConnectionLike + Send>(
+        &self,
+        con: &mut C,
+    ) -> Result<(), DispatchError> {
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(&self.library.code)
+            .query_async::<Value>(con)
             .await
             .map(drop)
             .map_err(|err| self.load_error(err))
@@ -172,23 +217,26 @@ impl Lua {
         }
     }
 
-    /// Runs the script. `keys` become KEYS, `args` ARGV (the prefix first, by convention).
+    /// Runs the function. `keys` become KEYS, `args` ARGV (the prefix first, by convention).
     pub(crate) async fn run<C: ConnectionLike + Send>(
         &self,
         con: &mut C,
         keys: &[String],
         args: &[Vec<u8>],
     ) -> Result<Value, DispatchError> {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.sha()).arg(keys.len()).arg(keys);
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(&self.function).arg(keys.len()).arg(keys);
         for a in args {
             cmd.arg(a.as_slice());
         }
         match cmd.query_async::<Value>(con).await {
             Ok(v) => Ok(v),
-            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                // Redis restarted or SCRIPT FLUSH ran: load once and retry once.
-                tracing::info!(script = self.name, "script missing from Redis; loading it");
+            Err(err) if function_missing(&err) => {
+                // Redis restarted empty or FUNCTION FLUSH ran: load once and retry once.
+                tracing::info!(
+                    function = %self.function,
+                    "function missing from Redis; loading the library"
+                );
                 self.load(con).await?;
                 cmd.query_async::<Value>(con)
                     .await
@@ -329,8 +377,8 @@ mod tests {
             DispatchError::Redis(_)
         ));
         let err = redis::RedisError::from((
-            ErrorKind::Server(ServerErrorKind::NoPerm),
-            "this user has no permissions to run the 'script|load' command",
+            redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm),
+            "this user has no permissions to run the 'function|load' command",
         ));
         let mapped = scripts.claim.load_error(err);
         assert!(matches!(
@@ -368,9 +416,28 @@ mod tests {
     }
 
     #[test]
-    fn every_script_is_distinct_and_carries_the_helpers() {
+    fn every_function_is_distinct_and_named_after_the_code() {
         let scripts = Scripts::new();
-        let shas: std::collections::HashSet<&str> = scripts.all().iter().map(|l| l.sha()).collect();
-        assert_eq!(shas.len(), scripts.all().len());
+        let names: std::collections::HashSet<&str> =
+            scripts.all().iter().map(|l| l.function()).collect();
+        assert_eq!(names.len(), scripts.all().len());
+        let library = &scripts.claim.library;
+        assert!(
+            library
+                .code
+                .starts_with(&format!("#!lua name={}\n", library.name))
+        );
+        for lua in scripts.all() {
+            assert!(
+                lua.function().starts_with(&library.name),
+                "{}",
+                lua.function()
+            );
+            let registered = format!("redis.register_function('{}',", lua.function());
+            assert!(library.code.contains(&registered), "{registered}");
+        }
+        assert!(!library.code.contains("@@_"));
+        // The same code, the same names: builds agree on what to call.
+        assert_eq!(Scripts::new().claim.function(), scripts.claim.function());
     }
 }

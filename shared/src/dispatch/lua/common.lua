@@ -1,41 +1,52 @@
--- common.lua: helpers every dispatch script starts with (Rust glues this file in front of each
--- script's body, so a script is one self-contained chunk; Redis Lua has no modules).
+-- common.lua: helpers of every dispatch function. Rust builds one function library from it,
+-- lifecycle.lua, claim_next.lua and one body per function (see scripts.rs): the library is
+-- loaded once (FUNCTION LOAD) and each call (FCALL) runs only its body, so none of these
+-- helpers is built again per call, as it would be with EVALSHA.
 --
 -- Conventions
 -- * ARGV[1] is the key prefix `{<tag>}:`. Per-id keys (job:<id>, exec:<eid>, held:<uid>, ...) are
---   built from it inside the scripts because their names are only known from data read here
+--   built from it inside the functions because their names are only known from data read here
 --   (a job's user, an execution's machine, the class the heads index names). They carry the same
 --   hash tag as every declared key, so they live in the same Redis Cluster slot.
--- * Every fixed key a script touches is declared in KEYS and checked by name (bind_keys,
+-- * Every fixed key a function touches is declared in KEYS and checked by name (bind_keys,
 --   want_key), so a wrapper that passes keys in the wrong order fails loudly instead of writing
 --   to the wrong key.
--- * Times come from TIME, read once per script (now_ms), never from the caller (an agent's clock
+-- * Times come from TIME, read once per call (now_ms), never from the caller (an agent's clock
 --   is not to be trusted).
 -- * Numbers go to redis.call as text, each formatted once (int()): a Lua number passed to
 --   redis.call is formatted by Redis with printf, about 1 µs each on a slow box. Integer
 --   arguments arrive as canonical digits (int_arg) and are passed on as they came.
 -- * Argument errors are raised as `EMPARG <field>: <reason>`, which the Rust side maps to a typed
 --   error. Nothing has been written when they are raised (all checks come first).
+-- * State of one call (KEYS, ARGV, the prefix, the keys bound, the time, the settings read, an
+--   event held back) lives in the upvalues below and is reset by begin(), which every function
+--   runs first.
 --
--- Cost. Most of a script's Redis CPU is Lua, not the commands' own work (perf: ~45 % in the Lua
--- VM, ~25 % in libc and malloc it calls). This prelude runs on every call, so it only defines
--- locals (patterns are literals: building them with string.rep cost about 5 µs a call). Each
--- redis.call costs 0.5-3 µs: scripts read each hash once with one HMGET, keep what they read,
--- and write each hash once where they can. Hot events build their JSON by concatenation
--- (json_obj's generic loop costs ~4 µs an event). Helpers used by one script live in it, and
--- those only the execution-ending scripts need live in lifecycle.lua, which only they include.
+-- Cost. Most of a call's Redis CPU is Lua and the glue around each redis.call (0.5-3 µs each),
+-- not the commands' own work: functions read each hash once with one HMGET, keep what they
+-- read, and write each hash once where they can. Hot events build their JSON by concatenation
+-- (json_obj's generic loop costs ~4 µs an event).
 
-local P = ARGV[1]
+local KEYS, ARGV, P
+local K -- set by each function with bind_keys: K.leases, K.events...
+local NOW, NOW_TEXT
+local EPOCH, CFG
+local HELD_EVENT
 
 local function argerr(field, reason)
   error({ err = 'EMPARG ' .. field .. ': ' .. reason })
 end
 
-if type(P) ~= 'string' or not string.match(P, '^{[%w_%.%-]+}:$') then
-  argerr('prefix', 'must look like {name}:')
+-- The start of every call: its keys and arguments, the prefix checked, the state of the
+-- previous call gone.
+local function begin(keys, args)
+  KEYS, ARGV = keys, args
+  P = args[1]
+  K, NOW, NOW_TEXT, EPOCH, CFG, HELD_EVENT = nil, nil, nil, nil, nil, nil
+  if type(P) ~= 'string' or not string.match(P, '^{[%w_%.%-]+}:$') then
+    argerr('prefix', 'must look like {name}:')
+  end
 end
-
-local K = nil -- set by each script with bind_keys: K.leases, K.events...
 
 -- Declared keys, by name. `names` lists the fixed keys in KEYS order.
 local function bind_keys(names)
@@ -67,8 +78,7 @@ end
 
 -- Redis time in ms, as a number (now_ms) and as text (now_text), from one TIME per script. The
 -- text is cut from TIME's own digits (seconds, then the first 3 of 6 microsecond digits), so
--- neither needs printf. A script may set NOW (tests' clock) before the first call.
-local NOW, NOW_TEXT = nil, nil
+-- neither needs printf. A function may set NOW (tests' clock) before the first call.
 local function now_text()
   if not NOW_TEXT then
     if NOW then
@@ -189,8 +199,6 @@ local OFFLINE_MACHINE_TTL_MS = 7 * 24 * 3600 * 1000
 -- answer `restoring` while it is missing. finished_ttl is kept as text (it is only ever passed on
 -- to PX/PEXPIRE). A user's running count shares its counter with their held jobs (see
 -- HELD_UNIT), so per_user is capped well below it.
-local EPOCH = nil
-local CFG = nil
 local function load_epoch()
   local c = redis.call('HMGET', K.config, 'epoch', 'max_concurrent_jobs_per_user',
     'max_queue_size', 'lease_ms', 'finished_ttl_ms')
@@ -223,7 +231,6 @@ local HELD_UNIT = 1048576
 -- applies them in that order). hold_event keeps an event back so the next emit writes both in
 -- one XADD; flush_event writes a held event alone. complete_claim uses it for the completion
 -- and the claim that follows.
-local HELD_EVENT = nil
 local function emit(kind, job, exec, machine, data)
   local f = { 'ts', now_text() }
   if EPOCH then f[3] = 'ep'; f[4] = EPOCH end
