@@ -230,10 +230,8 @@ pub(crate) async fn current_job_of(state: &AppState, execution_id: Uuid) -> Resu
         tracing::warn!(%execution_id, %error, "cannot read the execution's state from redis");
         ApiError::unavailable()
     };
-    let job_of_execution: Option<String> = redis::cmd("HGET")
-        .arg(dispatch.keys().exec(&execution_id))
-        .arg("job")
-        .query_async(&mut redis)
+    let job_of_execution = dispatch
+        .execution_job(&mut redis, &execution_id)
         .await
         .map_err(|error| redis_error(&error))?;
     let stored = match executions::find_by_id(&state.db, execution_id).await {
@@ -241,10 +239,7 @@ pub(crate) async fn current_job_of(state: &AppState, execution_id: Uuid) -> Resu
         Err(DbError::NotFound) => None,
         Err(error) => return Err(error.into()),
     };
-    let job_id = match (
-        job_of_execution.and_then(|id| Uuid::try_parse(&id).ok()),
-        &stored,
-    ) {
+    let job_id = match (job_of_execution, &stored) {
         (Some(job_id), _) => job_id,
         (None, Some(execution)) => execution.job_request_id,
         (None, None) => return Err(ApiError::not_found()),

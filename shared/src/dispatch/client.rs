@@ -1013,6 +1013,33 @@ impl Dispatch {
         }))
     }
 
+    /// The job an execution belongs to, or `None` when Redis does not know the execution (it
+    /// ended longer ago than `finished_ttl_ms`, or never existed).
+    ///
+    /// # Errors
+    /// `UnexpectedReply` for a record that does not start with a job id; Redis errors.
+    pub async fn execution_job<C: ConnectionLike + Send>(
+        &self,
+        con: &mut C,
+        execution_id: &Uuid,
+    ) -> Result<Option<Uuid>, DispatchError> {
+        let record: Option<String> = redis::cmd("GET")
+            .arg(self.keys.exec(execution_id))
+            .query_async(con)
+            .await?;
+        record
+            .map(|r| {
+                r.split(' ')
+                    .next()
+                    .and_then(|job| job.parse().ok())
+                    .ok_or_else(|| DispatchError::UnexpectedReply {
+                        script: "GET exec",
+                        detail: format!("execution record {r:?}"),
+                    })
+            })
+            .transpose()
+    }
+
     /// A machine as Redis holds it, or `None`.
     ///
     /// # Errors
