@@ -1,9 +1,12 @@
 //! # The Redis side of dispatch
 //!
 //! Queues, claims, leases, machines, wake-ups and the events stream, each state change made by
-//! one Lua script (atomic, one round trip) that also writes its event. [`Dispatch`] holds the
-//! key names and the scripts and wraps every script in a typed method; it works with any
-//! [`redis::aio::ConnectionLike`] (a `ConnectionManager` in production).
+//! one Lua function (atomic, one round trip) that also writes its event. The functions form one
+//! library (Redis 7 functions, `scripts.rs`): loaded once, so the helpers they share are built
+//! once rather than on every call; each call is one `FCALL`. [`Dispatch`] holds the key names
+//! and the library and wraps every function in a typed method; it works with any
+//! [`redis::aio::ConnectionLike`] (a `ConnectionManager` in production). (The Lua files and
+//! the docs below still say "script" for a function's body.)
 //!
 //! ## Keys
 //! Every key starts with `{<prefix>}:` (production prefix `emp`; [`Keys`]). The braces are a
@@ -14,8 +17,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `epoch` | string | random id; present once state is complete. Agent scripts answer `Restoring` without it (Redis was lost; the reconciler rebuilds, then [`Dispatch::init_epoch`]) |
-//! | `config` | hash | `max_concurrent_jobs_per_user` (10), `max_queue_size` (1000), `lease_ms` (60000), `finished_ttl_ms` (3600000) — [`DispatchConfig`] |
+//! | `config` | hash | `max_concurrent_jobs_per_user` (10, at most 100,000), `max_queue_size` (1000), `lease_ms` (60000), `finished_ttl_ms` (3600000) — [`DispatchConfig`]; and `epoch`, a random id present once state is complete: agent scripts answer `Restoring` without it (Redis was lost; the reconciler rebuilds, then [`Dispatch::init_epoch`]). One hash, so a script reads both with one HMGET |
 //! | `seq` | counter | submission order |
 //! | `queued` | counter | QUEUED jobs, held ones included (for `max_queue_size`) |
 //! | `classes` | hash | class id → requirements JSON |
@@ -23,44 +25,42 @@
 //! | `q:<class>` | zset | QUEUED job ids, score `(100 - priority) * 2^40 + seq`: `ZRANGE 0 0` is the best; a requeued job keeps its score |
 //! | `heads` | zset | class id → a lower bound of the score of its queue's head; every non-empty class is present. Whatever puts a job into a queue lowers it (`ZADD LT`); nothing that takes one out touches it; claims that walk it tighten (or drop) the bounds they found stale |
 //! | `held:<user>` | zset | the user's QUEUED jobs parked while the user is at their limit (same scores) |
-//! | `user:<user>:running` | counter | the user's PROCESSING jobs (deleted at 0) |
+//! | `user:<user>:running` | counter | the user's PROCESSING jobs + 2^20 × their held ones (deleted at 0), so ending a job learns from its DECR whether anything of theirs waits ([`Dispatch::user_counts`]) |
 //! | `wake:<class>` | list | wake tokens for idle claimers (cut back to 32 when it reaches 64) |
 //! | `job:<id>` | hash | `user_id class priority seq score status attempts max_attempts timeout_ms cancel_requested payload submitted_ms` + while running `execution_id machine_id started_ms progress`, once finished `finished_ms error`; finished → TTL `finished_ttl_ms`, payload emptied (`""`); a completed job keeps its last `progress` (shown only while a job runs) |
-//! | `exec:<eid>` | hash | `job machine user status started_ms deadline_ms attempts [ended_ms]` (`attempts`: the job's, so `complete` need not read the job); after it ends a tombstone with TTL `finished_ttl_ms`, so a late report is told apart (its own machine → stale, another → refused) |
+//! | `exec:<eid>` | string | `<job> <machine> <status> <user> <deadline_ms> <attempts> <started_ms>`, written whole: created by the claim with `SET NX` (which also proves the id unused), rewritten with its end status and TTL `finished_ttl_ms` when it ends, so a late report is told apart (its own machine → stale, another → refused). `attempts` is the job's, so `complete` need not read the job |
 //! | `leases` | zset | execution id → its next deadline: the lease's, or the hard deadline (`deadline_ms`, started + timeout) when that comes first. The reaper tells the two apart by `deadline_ms` (the `timeouts` key of earlier versions is no longer used) |
 //! | `machine-ids` | hash | external id → machine id |
-//! | `machine:<mid>` | hash | `status external_id provider region capabilities max_slots registered_ms last_heartbeat_ms gpu_stats [drain]`; OFFLINE/TERMINATED → TTL 7 days |
-//! | `machine:<mid>:execs` | set | the executions the machine runs |
+//! | `machine:<mid>` | hash | `status external_id provider region capabilities max_slots registered_ms last_heartbeat_ms gpu_stats execs [drain]`; `execs`: the ids of the executions it runs, separated by spaces, read and written with its status; OFFLINE/TERMINATED → TTL 7 days |
 //! | `machine:<mid>:wake` | list | one token when a job of a class nobody had seen was queued (its idle claimer reads the classes at once); TTL 1 h |
 //! | `machines` | zset | machine id → last heartbeat (ms), machines not OFFLINE |
 //! | `events` | stream | every state change ([`events`]) |
 //!
-//! ## Scripts (`lua/*.lua`)
-//! Each is prefixed with `lua/common.lua`; those that end, requeue or fence executions also with
-//! `lua/lifecycle.lua` (the others leave it out: every helper is built again on each call), and
-//! the two that claim (`claim`, `complete_claim`) with `lua/claim_next.lua`.
-//! Agent-facing scripts first check the epoch. Fenced reports are accepted only from the job's
+//! ## Functions (`lua/*.lua`)
+//! The library is `lua/common.lua`, `lua/lifecycle.lua` and `lua/claim_next.lua` (helpers),
+//! then one function per body file below, named `emp_<hash of the code>_<name>`.
+//! Agent-facing functions first check the epoch. Fenced reports are accepted only from the job's
 //! current execution *and* its machine. "report keys" below are
-//! `epoch config leases queued events heads`.
+//! `config leases queued events heads`.
 //!
 //! | script | caller | KEYS | ARGV after the prefix | reply |
 //! |---|---|---|---|---|
-//! | `init_epoch` | control plane | `epoch` | epoch | created, epoch |
-//! | `enqueue` | control plane | `epoch config seq queued classes classes:ver events heads machines job:<id> q:<class> wake:<class>` | job, user, class, requirements, priority, max_attempts, timeout_ms, payload, check_queue_size | queued(seq, parked) / exists(status) / queue_full(n) |
-//! | `cancel` | control plane | `epoch config queued events heads job:<id>` | job | cancelled / cancel_requested(machine, exec) / finished(status) / unknown |
+//! | `init_epoch` | control plane | `config` | epoch | created, epoch |
+//! | `enqueue` | control plane | `config seq queued classes classes:ver events heads machines job:<id> q:<class> wake:<class>` | job, user, class, requirements, priority, max_attempts, timeout_ms, payload, check_queue_size | queued(seq, parked) / exists(status) / queue_full(n) |
+//! | `cancel` | control plane | `config queued events heads job:<id>` | job | cancelled / cancel_requested(machine, exec) / finished(status) / unknown |
 //! | `requeue_expired` | control plane (reaper) | report keys | limit, now ('' = TIME) | requeued, failed, timed_out, cancelled, cleaned |
-//! | `machine_admin` | control plane | `epoch machines events machine:<mid> machine:<mid>:execs` | machine, drain/undrain/offline/terminated | ok(status) / unknown_machine |
-//! | `sweep_machines` | control plane | `epoch machines events` | stale_ms, limit, now | n marked OFFLINE |
-//! | `register` | agent | `epoch machines machine-ids events classes:ver` | candidate, external_id, provider, region, capabilities, max_slots | registered(mid, reused, classes_ver) / restoring |
-//! | `heartbeat` | agent | `epoch config leases machines events classes:ver machine:<mid> machine:<mid>:execs` | machine, STARTING/READY, gpu_stats, running eids… | ok(drain, classes_ver, status, n_cancel, cancel…, abandon…) / unknown_machine / restoring |
-//! | `claim` | agent | `epoch config leases queued events heads machine:<mid> machine:<mid>:execs` | machine, execution, max_parks, class ids… (at least one) | claimed(job…) / empty / again / at_capacity / draining / unknown_machine / restoring |
+//! | `machine_admin` | control plane | `config machines events machine:<mid>` | machine, drain/undrain/offline/terminated | ok(status) / unknown_machine |
+//! | `sweep_machines` | control plane | `config machines events` | stale_ms, limit, now | n marked OFFLINE |
+//! | `register` | agent | `config machines machine-ids events classes:ver` | candidate, external_id, provider, region, capabilities, max_slots | registered(mid, reused, classes_ver) / restoring |
+//! | `heartbeat` | agent | `config leases machines events classes:ver machine:<mid>` | machine, STARTING/READY, gpu_stats, running eids… | ok(drain, classes_ver, status, n_cancel, cancel…, abandon…) / unknown_machine / restoring |
+//! | `claim` | agent | `config leases queued events heads machine:<mid>` | machine, execution, max_parks, class ids… (at least one) | claimed(job…) / empty / again / at_capacity / draining / unknown_machine / restoring |
 //! | `progress` | agent | report keys | machine, execution, value, max, node | ok(cancel_requested) / stale / not_owner / restoring |
 //! | `complete` | agent | report keys | machine, execution, outputs | ok (also for a repeat of the same complete) / stale / not_owner / restoring |
 //! | `complete_claim` | agent | claim's | machine, execution, outputs, next execution, max_parks, class ids… | complete's tag followed by claim's reply / restoring |
 //! | `fail` | agent | report keys | machine, execution, error, retryable | ok(requeued/failed/cancelled, attempts) / … |
 //! | `cancelled` | agent | report keys | machine, execution | ok / not_requested / … |
 //! | `release` | agent | report keys | machine, execution | ok(requeued/cancelled) / … |
-//! | `deregister` | agent | `epoch config leases queued events heads machines machine:<mid> machine:<mid>:execs` | machine | ok(n_lost) / unknown_machine / restoring |
+//! | `deregister` | agent | `config leases queued events heads machines machine:<mid>` | machine | ok(n_lost) / unknown_machine / restoring |
 //!
 //! ## How the pieces fit
 //! - **Claim** finds the best head among the machine's classes and creates the execution (the
@@ -89,43 +89,43 @@
 //!   on too ([`Dispatch::wait_for_work_or_classes`]): they read the classes at once instead of at
 //!   their next heartbeat, so the first job of a new kind is not left waiting for one.
 //! - **Complete and claim in one call** ([`Dispatch::complete_and_claim`]): the agent reports a
-//!   completed job and claims its next one in the same script call. Every check of both is made
-//!   before anything is written (the next execution id's freshness included), the complete is
-//!   fenced exactly as `complete`, and a retry with the same two ids answers the same.
+//!   completed job and claims its next one in the same call, and both events go into one stream
+//!   entry ([`events`]). Every check of both is made before anything is written, except the next
+//!   execution id's freshness, found when the claim creates its record (refused then, with the
+//!   job put back and the completion kept); the complete is fenced exactly as `complete`, and a
+//!   retry with the same two ids answers the same.
 //!
 //! ## Cost
-//! Most of a script's Redis CPU is Lua rather than the commands' own work (perf on Redis 7.0:
-//! ~40 % in the Lua VM, a third of that interning strings, which Redis's Lua hashes in full, and
-//! garbage collection; ~20 % in malloc and libc). So the scripts read each hash once and keep
-//! what they read (the claim reply is built from it, not read back), write each hash once where
-//! they can, read TIME and the settings at most once, format each number once and pass text
-//! (a Lua number handed to `redis.call` costs a `printf`), build hot event JSON by
-//! concatenation, and define only the helpers they use (`lifecycle.lua` only where needed).
-//! Whatever enters Lua is hashed whole, so a job's payload costs time in proportion to its size
-//! twice: in enqueue's arguments and in the claim's reply. `emp-bench dispatch` measures
-//! commands per job (`INFO commandstats`) and Redis CPU (`INFO cpu`).
+//! Most of a call's Redis CPU is Lua and the glue around each `redis.call` (0.5-3 µs each),
+//! rather than the commands' own work. So the functions read each hash once and keep what they
+//! read (the claim reply is built from it, not read back), write each hash once where they can,
+//! read TIME and the settings at most once, format each number once and pass text (a Lua number
+//! handed to `redis.call` costs a `printf`), and build hot event JSON by concatenation. Running
+//! as one library saves what a script paid on every call to build its helpers (about 8 µs for
+//! `complete_claim`). Whatever enters Lua is hashed whole, so a job's payload costs time in
+//! proportion to its size twice: in enqueue's arguments and in the claim's reply.
+//! `emp-bench dispatch` measures commands per job (`INFO commandstats`) and Redis CPU
+//! (`INFO cpu`).
 //!
-//! The fixed cost of a script call (~25-30 µs of Redis CPU on a small box) outweighs a command
-//! inside it (~1-3 µs), so the per-job budget is counted in both. A job's steady-state path is
-//! one `enqueue` call and one `complete_claim` call (the agent completes a job and claims the
-//! next together); a claimer that was idle adds one `claim`. Commands per job inside scripts,
-//! one class, one-slot machines, nothing parked:
+//! A job's steady-state path is one `enqueue` call and one `complete_claim` call (the agent
+//! completes a job and claims the next together); a claimer that was idle adds one `claim`.
+//! Commands per job inside the functions, one class, one-slot machines, nothing parked:
 //!
-//! | script | commands |
+//! | function | commands |
 //! |---|---|
-//! | `enqueue` | 13: GET epoch, HGET job, HMGET config, INCR seq, TIME, HSET job, INCR queued, HSETNX classes, GET user running, ZADD queue, ZADD LT heads, LPUSH wake, XADD (+ INCR classes:ver and 2-3 per live machine the first time a class is seen) |
-//! | `complete_claim` | 25: GET epoch, HMGET config, TIME, HMGET next exec (retry check); complete: HMGET exec (no job read: the execution holds the user and attempts), ZREM leases, HSET + PEXPIRE exec, SREM machine execs, DECR user running, ZPOPMIN held, HSET + PEXPIRE job, XADD; claim: HMGET machine, SCARD, ZPOPMIN queue, HMGET job, INCR user running, DECR queued, HSET job, HSET exec, ZADD leases, SADD, XADD. The machine's status does not change (BUSY stays BUSY) |
-//! | `claim` + `complete` (two calls) | 34: 17 each; the second call repeats GET epoch, HMGET config, TIME, the machine read and SCARD, and a one-slot machine's status is written twice (AVAILABLE → BUSY → AVAILABLE) with two `machine.status` events |
+//! | `enqueue` | 12: HMGET config (with the epoch), HGET job, INCR seq, TIME, HSET job, INCR queued, HSETNX classes, GET user running, ZADD queue, ZADD LT heads, LPUSH wake, XADD (+ INCR classes:ver and 2-3 per live machine the first time a class is seen) |
+//! | `complete_claim` | 18: HMGET config, HMGET machine (status and running executions), TIME; complete: GET exec, ZREM leases, SET exec (end status and TTL), HSET + PEXPIRE job, DECR user running (it also tells whether the user has held jobs); claim: ZPOPMIN queue, HMGET job, INCR user running, SET NX exec, DECR queued, HSET job, ZADD leases, HSET machine (the list, the status unchanged: BUSY stays BUSY); one XADD for both events |
 //!
-//! (Before `complete_claim`, the same job cost 36 commands in two calls.) The target of
-//! 12 is not met: an execution has its own hash, lease entry and machine-set entry, each written
-//! when it starts and when it ends, and each end of it writes an event.
+//! (Before this layout: 25 for `complete_claim`, 13 for `enqueue`; 36 in two calls before
+//! `complete_claim`.) The target of 12 is not met: an execution has its own record, lease entry
+//! and place in its machine's list, the job and user counters move at each end, and the
+//! control plane's `max_queue_size` needs the `queued` counter kept exact.
 //!
 //! ## Security note
-//! Redis 7 checks every command a script runs against the *calling* user's ACL, so an agent's
-//! ACL user needs the script's commands on `{emp}:*` keys, not only `EVALSHA`; it could then run
-//! them directly. The scripts' checks therefore stop confused or buggy agents, not a hostile one
-//! with direct Redis access.
+//! Redis 7 checks every command a function runs against the *calling* user's ACL, so an agent's
+//! ACL user needs the functions' commands on `{emp}:*` keys, not only `FCALL`; it could then run
+//! them directly. The functions' checks therefore stop confused or buggy agents, not a hostile
+//! one with direct Redis access. `docs/agent.md` gives the ACL; a test runs an agent under it.
 
 mod client;
 mod error;

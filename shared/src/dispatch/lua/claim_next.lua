@@ -1,5 +1,5 @@
--- claim_next.lua: the claim itself, shared by `claim` and `complete_claim` (Rust glues it in
--- front of their bodies). Finding the best head: with up to DIRECT_MAX classes, each class
+-- claim_next.lua: the claim itself, shared by `claim` and `complete_claim` (in the library
+-- after lifecycle.lua). Finding the best head: with up to DIRECT_MAX classes, each class
 -- queue's head is read (ZRANGE 0 0: one command per class; with a single class ZPOPMIN, which
 -- also takes it). With more, the heads index (class → a lower bound of its queue's head score,
 -- every non-empty class present) is walked best first, in growing batches: a class of the

@@ -1,8 +1,6 @@
--- lifecycle.lua: helpers of the scripts that end, requeue or fence executions (complete, fail,
--- cancelled, release, progress, cancel, requeue_expired, deregister). Rust glues it after
--- common.lua and before the script's body, only for those scripts: every local a chunk defines
--- is built again on each call (a closure costs a fraction of a µs), so scripts that need none of
--- this (claim, enqueue, heartbeat, register...) do not pay for it.
+-- lifecycle.lua: helpers of the functions that end, requeue or fence executions (complete,
+-- complete_claim, fail, cancelled, release, progress, cancel, requeue_expired, deregister), in
+-- the library after common.lua.
 
 -- Takes `eid` off its machine's list and refreshes the machine's status, in one read and one
 -- write (nothing for a machine that is gone).
