@@ -10,12 +10,12 @@ pub enum DispatchError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
 
-    /// The script is not in Redis's script cache and this connection may not load it (agents'
-    /// ACL users have no `SCRIPT LOAD`). The control plane loads every script at start
-    /// ([`super::Dispatch::load_all`]); after a Redis restart it must do so again.
+    /// The function is not loaded in Redis and this connection may not load it (agents' ACL
+    /// users may only `FCALL`). The control plane loads the library at start
+    /// ([`super::Dispatch::load_all`]); after Redis loses it, it must do so again.
     #[error(
-        "dispatch script `{script}` is not loaded in Redis and this user may not load it \
-         (SCRIPT LOAD refused: {detail}); the control plane must run Dispatch::load_all first"
+        "dispatch function `{script}` is not loaded in Redis and this user may not load it \
+         (FUNCTION LOAD refused: {detail}); the control plane must run Dispatch::load_all first"
     )]
     ScriptNotLoaded {
         /// Which script.

@@ -1,5 +1,5 @@
 -- claim: the best job among the heads of the caller's classes, as one new execution (the work
--- is claim_next.lua's, glued in front of this body).
+-- is claim_next.lua's).
 -- KEYS: config, leases, queued, events, heads, machine:<mid>
 -- ARGV: prefix, machine_id, execution_id (caller's UUIDv7: the fence), max_parks, then the ids
 --       of the classes the machine can run (at least one).
