@@ -27,7 +27,7 @@
 //! | `held:<user>` | zset | the user's QUEUED jobs parked while the user is at their limit (same scores) |
 //! | `user:<user>:running` | counter | the user's PROCESSING jobs + 2^20 × their held ones (deleted at 0), so ending a job learns from its DECR whether anything of theirs waits ([`Dispatch::user_counts`]) |
 //! | `wake:<class>` | list | wake tokens for idle claimers (cut back to 32 when it reaches 64) |
-//! | `job:<id>` | hash | `user_id class priority seq score status attempts max_attempts timeout_ms cancel_requested payload submitted_ms` + while running `execution_id machine_id started_ms progress`, once finished `finished_ms error`; finished → TTL `finished_ttl_ms`, payload emptied (`""`); a completed job keeps its last `progress` (shown only while a job runs) |
+//! | `job:<id>` | hash | `user_id class priority seq score status attempts max_attempts timeout_ms cancel_requested payload` + while running `execution_id machine_id started_ms progress`, once finished `finished_ms error`; finished → TTL `finished_ttl_ms`, payload emptied (`""`); a completed job keeps its last `progress` (shown only while a job runs) |
 //! | `exec:<eid>` | string | `<job> <machine> <status> <user> <deadline_ms> <attempts> <started_ms>`, written whole: created by the claim with `SET NX` (which also proves the id unused), rewritten with its end status and TTL `finished_ttl_ms` when it ends, so a late report is told apart (its own machine → stale, another → refused). `attempts` is the job's, so `complete` need not read the job |
 //! | `leases` | zset | execution id → its next deadline: the lease's, or the hard deadline (`deadline_ms`, started + timeout) when that comes first. The reaper tells the two apart by `deadline_ms` (the `timeouts` key of earlier versions is no longer used) |
 //! | `machine-ids` | hash | external id → machine id |
@@ -113,7 +113,7 @@
 //!
 //! | function | commands |
 //! |---|---|
-//! | `enqueue` | 12: HMGET config (with the epoch), HGET job, INCR seq, TIME, HSET job, INCR queued, HSETNX classes, GET user running, ZADD queue, ZADD LT heads, LPUSH wake, XADD (+ INCR classes:ver and 2-3 per live machine the first time a class is seen) |
+//! | `enqueue` | 11: HMGET config (with the epoch), HGET job, INCR seq, HSET job, INCR queued, HSETNX classes, GET user running, ZADD queue, ZADD LT heads, LPUSH wake, XADD (its event takes the entry id's time, so no TIME) (+ INCR classes:ver and 2-3 per live machine the first time a class is seen) |
 //! | `complete_claim` | 18: HMGET config, HMGET machine (status and running executions), TIME; complete: GET exec, ZREM leases, SET exec (end status and TTL), HSET + PEXPIRE job, DECR user running (it also tells whether the user has held jobs); claim: ZPOPMIN queue, HMGET job, INCR user running, SET NX exec, DECR queued, HSET job, ZADD leases, HSET machine (the list, the status unchanged: BUSY stays BUSY); one XADD for both events |
 //!
 //! (Before this layout: 25 for `complete_claim`, 13 for `enqueue`; 36 in two calls before

@@ -231,9 +231,13 @@ local HELD_UNIT = 1048576
 -- applies them in that order). hold_event keeps an event back so the next emit writes both in
 -- one XADD; flush_event writes a held event alone. complete_claim uses it for the completion
 -- and the claim that follows.
-local function emit(kind, job, exec, machine, data)
-  local f = { 'ts', now_text() }
-  if EPOCH then f[3] = 'ep'; f[4] = EPOCH end
+-- `timed`: the entry carries `ts` (the call's time); without it, the time is the entry id's
+-- (the same Redis clock, read by XADD itself), which spares a function that needs the time for
+-- nothing else its TIME call (enqueue).
+local function xadd(timed, kind, job, exec, machine, data)
+  local f = {}
+  if timed then f[1] = 'ts'; f[2] = now_text() end
+  if EPOCH then f[#f + 1] = 'ep'; f[#f + 1] = EPOCH end
   local first = HELD_EVENT
   if first then
     HELD_EVENT = nil
@@ -255,6 +259,12 @@ local function emit(kind, job, exec, machine, data)
     if data and data ~= '{}' then f[#f + 1] = 'data'; f[#f + 1] = data end
   end
   redis.call('XADD', K.events, '*', unpack(f))
+end
+local function emit(kind, job, exec, machine, data)
+  xadd(true, kind, job, exec, machine, data)
+end
+local function emit_untimed(kind, job, exec, machine, data)
+  xadd(false, kind, job, exec, machine, data)
 end
 local function hold_event(kind, job, exec, machine, data)
   HELD_EVENT = { kind, job, exec, machine, data }
