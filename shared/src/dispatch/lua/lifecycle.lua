@@ -33,11 +33,13 @@ end
 
 -- One of the user's jobs stopped running: their counter goes down by one and, when something of
 -- theirs is held (the same counter tells), that much room is handed to it.
+-- (A counter at 0 stays: deleting it would cost a command at every end of a user's only job,
+-- and the next claim of theirs would create it again. One small key per user.)
 local function release_user(uid)
   local rk = key('user:', uid, ':running')
   local n = redis.call('DECR', rk)
   if n <= 0 then
-    redis.call('DEL', rk)
+    if n < 0 then redis.call('DEL', rk) end -- a count lost with Redis's data: start again
     return
   end
   if n >= HELD_UNIT then
