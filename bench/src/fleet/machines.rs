@@ -273,9 +273,13 @@ impl Executor {
                             .submit_to_claimed
                             .record(Duration::from_micros(waited));
                     }
-                    tokio::select! {
-                        () = stop.cancelled() => {}
-                        () = tokio::time::sleep(self.job_duration) => {}
+                    // (A no-op job does not sleep at all: a zero sleep still waits for the
+                    // timer's next tick, about a millisecond, which would be most of a cycle.)
+                    if !self.job_duration.is_zero() {
+                        tokio::select! {
+                            () = stop.cancelled() => {}
+                            () = tokio::time::sleep(self.job_duration) => {}
+                        }
                     }
                     // As the agent does: report the job and claim the next in one call,
                     // unless the run is ending (a claimed job would be left running).
