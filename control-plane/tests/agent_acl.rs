@@ -178,8 +178,11 @@ async fn an_agent_lives_its_whole_life_under_the_documented_acl() {
         d.register(&mut agent, &registration).await,
         Err(DispatchError::ScriptNotLoaded { .. })
     ));
-    // …and works again once the control plane has loaded them.
-    d.load_all(&mut admin).await.unwrap();
+    // …and works again once the control plane has loaded them, which its next call does by
+    // itself (the function is missing: it loads the library and retries).
+    d.enqueue(&mut admin, &new_job(user, &classes[0]), QueueLimit::Enforce)
+        .await
+        .unwrap();
     tokio::time::timeout(
         Duration::from_secs(5),
         d.register(&mut agent, &registration),

@@ -11,7 +11,7 @@ use emp_shared::dispatch::{
     DispatchError, EnqueueOutcome, Event, EventData, EventType, ExecutionStatus, FailResult,
     Fenced, Heartbeat, HeartbeatOutcome, HeartbeatReply, JobStatus, MachineAdminOutcome,
     MachineStatus, NewJob, Progress, QueueLimit, RegisterOutcome, Registration, ReleaseResult,
-    Wake,
+    UserCounts, Wake,
 };
 use redis::aio::ConnectionManager;
 use uuid::Uuid;
@@ -1437,5 +1437,75 @@ async fn wait_for_work_wakes_on_a_matching_submit_only() {
         "{:?}",
         woke.duration_since(submitted)
     );
+    c.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_users_counter_tracks_running_and_held_jobs_through_every_path() {
+    let mut c = ctx_with(DispatchConfig {
+        max_concurrent_jobs_per_user: 1,
+        ..DispatchConfig::default()
+    })
+    .await;
+    let cls = classes(&[1]);
+    let user = Uuid::now_v7();
+    let jobs: Vec<NewJob> = (0..4).map(|_| new_job(user, &cls[0])).collect();
+    c.enqueue_ok(&jobs[0]).await;
+    let m = c.machine(1).await;
+    let run = c.claim_one(m, &cls).await;
+    // At the limit: the next three are parked at enqueue.
+    for job in &jobs[1..] {
+        assert!(matches!(
+            c.enqueue(job).await,
+            EnqueueOutcome::Queued { parked: true, .. }
+        ));
+    }
+    let counts = |c: &mut Ctx| {
+        let (d, mut con) = (c.d.clone(), c.con.clone());
+        async move { d.user_counts(&mut con, &user).await.unwrap() }
+    };
+    assert_eq!(
+        (counts(&mut c).await.running, counts(&mut c).await.held),
+        (1, 3)
+    );
+    // A held job cancelled leaves the held count.
+    assert_eq!(
+        c.d.cancel(&mut c.con, &jobs[3].job_id).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let now = counts(&mut c).await;
+    assert_eq!((now.running, now.held), (1, 2));
+    // The running one ends: one held job comes back and is claimed with the same call.
+    let r =
+        c.d.complete_and_claim(
+            &mut c.con,
+            &m,
+            &run.execution_id,
+            "[]",
+            &Uuid::now_v7(),
+            &cls,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.completed, Fenced::Accepted(()));
+    let ClaimOutcome::Claimed(second) = r.next else {
+        panic!("{:?}", r.next)
+    };
+    assert_eq!(second.job_id, jobs[1].job_id);
+    let now = counts(&mut c).await;
+    assert_eq!((now.running, now.held), (1, 1));
+    // It fails for good: the last held job is unparked, and runs.
+    c.d.fail(&mut c.con, &m, &second.execution_id, "{}", false)
+        .await
+        .unwrap();
+    let third = c.claim_one(m, &cls).await;
+    assert_eq!(third.job_id, jobs[2].job_id);
+    let now = counts(&mut c).await;
+    assert_eq!((now.running, now.held), (1, 0));
+    c.d.complete(&mut c.con, &m, &third.execution_id, "[]")
+        .await
+        .unwrap();
+    assert_eq!(counts(&mut c).await, UserCounts::default());
+    assert_eq!(c.d.queued_count(&mut c.con).await.unwrap(), 0);
     c.cleanup().await;
 }
