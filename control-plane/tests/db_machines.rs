@@ -581,3 +581,51 @@ async fn counts_by_status_counts_every_box(pool: PgPool) {
         ])
     );
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn set_statuses_changes_many_machines_in_one_statement(pool: PgPool) {
+    let busy = make_machine(&pool, "busy", MachineStatus::Available, at(0)).await;
+    let gone = make_machine(&pool, "gone", MachineStatus::Available, at(0)).await;
+    let untouched = make_machine(&pool, "untouched", MachineStatus::Available, at(0)).await;
+
+    let changed = machines::set_statuses(
+        &pool,
+        &[
+            (busy.id, MachineStatus::Busy),
+            (gone.id, MachineStatus::Terminated),
+            (Uuid::now_v7(), MachineStatus::Busy), // unknown: skipped
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(changed, 2);
+    let busy = machines::find_by_id(&pool, busy.id).await.unwrap();
+    assert_eq!(
+        (busy.status, busy.terminated_at, busy.last_heartbeat),
+        (MachineStatus::Busy, None, Some(at(0))),
+        "a status change is not a heartbeat"
+    );
+    let gone = machines::find_by_id(&pool, gone.id).await.unwrap();
+    assert_eq!(gone.status, MachineStatus::Terminated);
+    assert!(gone.terminated_at.is_some());
+    assert_eq!(
+        machines::find_by_id(&pool, untouched.id)
+            .await
+            .unwrap()
+            .status,
+        MachineStatus::Available
+    );
+    // Back from TERMINATED (an operator's mistake undone): the stamp is cleared, as
+    // update_status does.
+    machines::set_statuses(&pool, &[(gone.id, MachineStatus::Available)])
+        .await
+        .unwrap();
+    assert_eq!(
+        machines::find_by_id(&pool, gone.id)
+            .await
+            .unwrap()
+            .terminated_at,
+        None
+    );
+    assert_eq!(machines::set_statuses(&pool, &[]).await.unwrap(), 0);
+}

@@ -184,6 +184,47 @@ pub async fn update_status(
     machine.ok_or(DbError::NotFound)
 }
 
+/// Sets many machines' statuses in one statement, as [`update_status`] does for one
+/// (`terminated_at` stamped for TERMINATED, cleared otherwise). Unknown ids are skipped; each id
+/// should appear once. Returns the rows changed.
+///
+/// # Errors
+/// Database failures.
+pub async fn set_statuses(
+    db: impl PgExecutor<'_>,
+    statuses: &[(Uuid, MachineStatus)],
+) -> Result<u64, DbError> {
+    if statuses.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = statuses.iter().map(|(id, _)| *id).collect();
+    let names: Vec<String> = statuses
+        .iter()
+        .map(|(_, status)| status.as_str().to_owned())
+        .collect();
+    // Locked in id order, as heartbeat_many does, so two persisters never deadlock.
+    let updated = sqlx::query!(
+        r#"WITH v AS (SELECT * FROM UNNEST($1::uuid[], $2::text[]) AS v(id, status)),
+           locked AS (
+             SELECT m.id FROM machines m
+             WHERE m.id IN (SELECT id FROM v)
+             ORDER BY m.id
+             FOR UPDATE
+           )
+           UPDATE machines m SET
+             status = v.status::machine_status,
+             terminated_at = CASE WHEN v.status = 'TERMINATED' THEN now() ELSE NULL END,
+             updated_at = now()
+           FROM v, locked
+           WHERE m.id = v.id AND m.id = locked.id"#,
+        &ids,
+        &names,
+    )
+    .execute(db)
+    .await?;
+    Ok(updated.rows_affected())
+}
+
 /// The box with this id.
 ///
 /// # Errors

@@ -569,7 +569,7 @@ async fn write_machines(
     tx: &mut sqlx::PgConnection,
     folds: &HashMap<Uuid, MachineFold>,
 ) -> Result<(), PersistError> {
-    let mut beats = Vec::new();
+    let (mut beats, mut statuses) = (Vec::new(), Vec::new());
     for (id, fold) in folds {
         match (fold.last_beat, fold.status) {
             (Some(at), Some(status)) => beats.push(Heartbeat {
@@ -577,13 +577,12 @@ async fn write_machines(
                 at,
                 status,
             }),
-            (None, Some(status)) => match machines::update_status(&mut *tx, *id, status).await {
-                Ok(_) | Err(DbError::NotFound) => {}
-                Err(error) => return Err(error.into()),
-            },
+            (None, Some(status)) => statuses.push((*id, status)),
             _ => {}
         }
     }
+    // One statement each for the batch, whatever the number of machines.
+    machines::set_statuses(&mut *tx, &statuses).await?;
     if !beats.is_empty() {
         machines::heartbeat_many(&mut *tx, &beats).await?;
     }
