@@ -178,11 +178,9 @@ impl Scripts {
 }
 
 /// Whether Redis answered that it knows no such function.
+/// (Its message, code and detail together, is the only place that says so.)
 fn function_missing(err: &redis::RedisError) -> bool {
-    err.detail()
-        .or_else(|| err.code())
-        .is_some_and(|d| d.contains("Function not found"))
-        || err.to_string().contains("Function not found")
+    err.to_string().contains("Function not found")
 }
 
 impl Lua {

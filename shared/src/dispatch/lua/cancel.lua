@@ -28,8 +28,7 @@ if status == 'QUEUED' then
   if from_queue > 0 then
     -- It may have been unparked to use a free slot of its user; without this, the user's held
     -- jobs could wait for a release that never comes (nothing of theirs running any more).
-    local n = tonumber(redis.call('GET', key('user:', j[3], ':running')) or '0')
-    if n >= HELD_UNIT then unpark(j[3], config().per_user - n % HELD_UNIT) end
+    unpark_room(j[3], tonumber(redis.call('GET', key('user:', j[3], ':running')) or '0'))
   end
   emit('job.cancelled', id, nil, nil, json_obj({ { 'reason', 'cancelled_while_queued', 'w' } }))
   return { 'cancelled' }

@@ -234,6 +234,16 @@ local HELD_UNIT = 1048576
 -- `timed`: the entry carries `ts` (the call's time); without it, the time is the entry id's
 -- (the same Redis clock, read by XADD itself), which spares a function that needs the time for
 -- nothing else its TIME call (enqueue).
+local FIRST_EVENT = { 'type', 'job', 'exec', 'machine', 'data' }
+local SECOND_EVENT = { 'type2', 'job2', 'exec2', 'machine2', 'data2' }
+-- Appends one event's fields to `f` under `names` (FIRST_EVENT or SECOND_EVENT).
+local function add_event(f, names, kind, job, exec, machine, data)
+  f[#f + 1] = names[1]; f[#f + 1] = kind
+  if job then f[#f + 1] = names[2]; f[#f + 1] = job end
+  if exec then f[#f + 1] = names[3]; f[#f + 1] = exec end
+  if machine then f[#f + 1] = names[4]; f[#f + 1] = machine end
+  if data and data ~= '{}' then f[#f + 1] = names[5]; f[#f + 1] = data end
+end
 local function xadd(timed, kind, job, exec, machine, data)
   local f = {}
   if timed then f[1] = 'ts'; f[2] = now_text() end
@@ -241,22 +251,10 @@ local function xadd(timed, kind, job, exec, machine, data)
   local first = HELD_EVENT
   if first then
     HELD_EVENT = nil
-    f[#f + 1] = 'type'; f[#f + 1] = first[1]
-    if first[2] then f[#f + 1] = 'job'; f[#f + 1] = first[2] end
-    if first[3] then f[#f + 1] = 'exec'; f[#f + 1] = first[3] end
-    if first[4] then f[#f + 1] = 'machine'; f[#f + 1] = first[4] end
-    if first[5] and first[5] ~= '{}' then f[#f + 1] = 'data'; f[#f + 1] = first[5] end
-    f[#f + 1] = 'type2'; f[#f + 1] = kind
-    if job then f[#f + 1] = 'job2'; f[#f + 1] = job end
-    if exec then f[#f + 1] = 'exec2'; f[#f + 1] = exec end
-    if machine then f[#f + 1] = 'machine2'; f[#f + 1] = machine end
-    if data and data ~= '{}' then f[#f + 1] = 'data2'; f[#f + 1] = data end
+    add_event(f, FIRST_EVENT, first[1], first[2], first[3], first[4], first[5])
+    add_event(f, SECOND_EVENT, kind, job, exec, machine, data)
   else
-    f[#f + 1] = 'type'; f[#f + 1] = kind
-    if job then f[#f + 1] = 'job'; f[#f + 1] = job end
-    if exec then f[#f + 1] = 'exec'; f[#f + 1] = exec end
-    if machine then f[#f + 1] = 'machine'; f[#f + 1] = machine end
-    if data and data ~= '{}' then f[#f + 1] = 'data'; f[#f + 1] = data end
+    add_event(f, FIRST_EVENT, kind, job, exec, machine, data)
   end
   redis.call('XADD', K.events, '*', unpack(f))
 end
@@ -346,6 +344,13 @@ local function write_machine(mid, m, execs, new, reason)
     redis.call('HSET', mk, 'execs', execs)
   end
   return new
+end
+
+-- Writes a machine's execution list with the status that follows from it (drain flag, readiness
+-- and slots as `m` holds them).
+local function refresh_machine(mid, m, execs)
+  return write_machine(mid, m, execs, machine_status_for(m[3], m[1] ~= 'STARTING',
+    execs_count(execs), tonumber(m[2]) or 1), nil)
 end
 
 -- Writes a machine's new status, with its machine.status event, when it changed.

@@ -56,10 +56,7 @@ elseif not gone then
 end
 -- The finished execution leaves the machine's list (a claim that took a job wrote the list
 -- already).
-if freed and not wrote and not gone then
-  write_machine(mid, m, execs, machine_status_for(m[3], m[1] ~= 'STARTING', execs_count(execs),
-    tonumber(m[2]) or 1), nil)
-end
+if freed and not wrote and not gone then refresh_machine(mid, m, execs) end
 flush_event()
 table.insert(claim, 1, done)
 return claim

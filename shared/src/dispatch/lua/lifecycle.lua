@@ -8,9 +8,7 @@ local function machine_release(mid, eid)
   local m = redis.call('HMGET', key('machine:', mid), unpack(MACHINE_FIELDS))
   local old = m[1]
   if not old or old == 'OFFLINE' or old == 'TERMINATED' then return old end
-  local execs = execs_remove(m[4], eid)
-  return write_machine(mid, m, execs, machine_status_for(m[3], old ~= 'STARTING',
-    execs_count(execs), tonumber(m[2]) or 1), nil)
+  return refresh_machine(mid, m, execs_remove(m[4], eid))
 end
 
 -- Moves up to `free` of a user's held jobs back to their class queues, best first (ZPOPMIN:
@@ -31,6 +29,12 @@ local function unpark(uid, free)
   redis.call('INCRBY', key('user:', uid, ':running'), int(-(#held / 2) * HELD_UNIT))
 end
 
+-- `n`: the user's counter as it stands. When something of theirs is held, as many held jobs as
+-- they have room for go back to their queues.
+local function unpark_room(uid, n)
+  if n >= HELD_UNIT then unpark(uid, config().per_user - n % HELD_UNIT) end
+end
+
 -- One of the user's jobs stopped running: their counter goes down by one and, when something of
 -- theirs is held (the same counter tells), that much room is handed to it.
 -- (A counter at 0 stays: deleting it would cost a command at every end of a user's only job,
@@ -42,9 +46,7 @@ local function release_user(uid)
     if n < 0 then redis.call('DEL', rk) end -- a count lost with Redis's data: start again
     return
   end
-  if n >= HELD_UNIT then
-    unpark(uid, config().per_user - n % HELD_UNIT)
-  end
+  unpark_room(uid, n)
 end
 
 -- Ends an execution: its lease entry gone, its record rewritten with its end status and an
