@@ -231,9 +231,21 @@ async fn a_job_runs_to_completed_and_every_row_follows(db: PgPool) {
         .await
         .unwrap();
     assert!(done.is_accepted());
+    // Redis keeps the finished job, with no expiry, until Postgres has it…
+    let job_key = fx.dispatch.keys().job(&job.id);
+    let pttl = |mut con: ConnectionManager, key: String| async move {
+        redis::cmd("PTTL")
+            .arg(key)
+            .query_async::<i64>(&mut con)
+            .await
+            .unwrap()
+    };
+    assert_eq!(pttl(fx.redis.clone(), job_key.clone()).await, -1);
 
     let mut persister = fx.persister("p1").await;
     assert!(fx.drain(&mut persister).await > 0);
+    // …then it expires after finished_ttl.
+    assert!(pttl(fx.redis.clone(), job_key).await > 0);
 
     let stored = jobs::find_by_id(&fx.db, job.id).await.unwrap();
     assert_eq!(stored.status, JobStatus::Completed);
@@ -873,7 +885,7 @@ async fn xadd_complete_then_claim(
 ) -> String {
     let completed =
         json!({"attempts": 1, "exec_status": "COMPLETED", "outputs": {"images": ["a.png"]}});
-    let claimed = json!({"attempts": 1, "user_id": user, "deadline_ms": 4_000_000_000_000_u64});
+    let claimed = json!({"attempts": 1, "user_id": user, "timeout_ms": 600_000});
     redis::cmd("XADD")
         .arg(fx.dispatch.events().key())
         .arg("*")
@@ -1139,10 +1151,7 @@ async fn the_second_event_of_an_entry_is_applied_after_the_first(db: PgPool) {
         .arg("machine2")
         .arg(machine.to_string())
         .arg("data2")
-        .arg(
-            json!({"attempts": 2, "user_id": user, "deadline_ms": 4_000_000_000_000_u64})
-                .to_string(),
-        )
+        .arg(json!({"attempts": 2, "user_id": user, "timeout_ms": 600_000}).to_string())
         .query_async(&mut fx.redis)
         .await
         .unwrap();

@@ -209,8 +209,61 @@ async fn a_stale_complete_still_claims_and_a_bad_call_writes_nothing() {
             .await
             .unwrap();
     assert_eq!(r.completed, Fenced::Stale);
-    assert_eq!(claimed(r.next).job_id, queued);
+    let taken = claimed(r.next);
+    assert_eq!(taken.job_id, queued);
     assert_eq!(c.status(job).await, JobStatus::Processing);
+
+    // A completion that goes through, with a next id another machine uses: the claim is
+    // refused, the completion is kept, whole (the job's end is written with its event's time).
+    let third = c.enqueue(user, &cls[0]).await;
+    let theirs = c.claim_one(other, &cls).await;
+    assert_eq!(theirs.job_id, third);
+    let fourth = c.enqueue(user, &cls[0]).await;
+    let before = c.events().await.len();
+    let err =
+        c.d.complete_and_claim(
+            &mut c.con,
+            &m,
+            &taken.execution_id,
+            "[]",
+            &theirs.execution_id,
+            &cls,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DispatchError::Rejected { .. }), "{err:?}");
+    let state = c.d.job(&mut c.con, &queued).await.unwrap().unwrap();
+    assert_eq!(state.status, JobStatus::Completed);
+    let new: Vec<Event> = c.events().await.split_off(before);
+    // The machine, which ran two jobs on its two slots, has one free again.
+    assert_eq!(
+        new.iter().map(|e| e.event_type.clone()).collect::<Vec<_>>(),
+        [EventType::JobCompleted, EventType::MachineStatus]
+    );
+    assert_eq!(c.status(fourth).await, JobStatus::Queued);
+    let finished_ms: u64 = redis::cmd("HGET")
+        .arg(c.d.keys().job(&queued))
+        .arg("finished_ms")
+        .query_async(&mut c.con)
+        .await
+        .unwrap();
+    assert_eq!(finished_ms, new[0].ts_ms);
+    let machine = c.d.machine(&mut c.con, &m).await.unwrap().unwrap();
+    assert!(!machine.running.contains(&taken.execution_id));
+    assert_eq!(machine.running, vec![run.execution_id]);
+    let counts = c.d.user_counts(&mut c.con, &user).await.unwrap();
+    // `run` on this machine, `theirs` on the other.
+    assert_eq!(counts.running, 2, "{counts:?}");
+    // A retry of the completion alone is answered ok, and changes nothing.
+    let before = c.events().await.len();
+    assert_eq!(
+        c.d.complete(&mut c.con, &m, &taken.execution_id, "[]")
+            .await
+            .unwrap(),
+        Fenced::Accepted(())
+    );
+    assert_eq!(c.events().await.len(), before);
+    assert_eq!(c.d.user_counts(&mut c.con, &user).await.unwrap(), counts);
     c.cleanup().await;
 }
 

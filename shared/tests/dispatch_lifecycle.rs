@@ -1023,8 +1023,8 @@ async fn events_tell_a_jobs_life_in_order() {
         [
             "machine.registered",
             "job.submitted",
-            "machine.status",
             "job.claimed",
+            "machine.status",
             "job.progress",
             "machine.status",
             "job.completed"
@@ -1055,6 +1055,15 @@ async fn events_tell_a_jobs_life_in_order() {
         other => panic!("{other:?}"),
     }
     match all[2].typed_data().unwrap() {
+        EventData::JobClaimed(d) => {
+            assert_eq!((d.attempts, d.user_id), (1, job.user_id));
+            assert_eq!(d.timeout_ms, job.timeout_ms);
+            // The claim's time is its event's: the entry's, or `ts` where it has one.
+            assert_eq!(all[2].ts_ms, run.started_ms);
+        }
+        other => panic!("{other:?}"),
+    }
+    match all[3].typed_data().unwrap() {
         EventData::MachineStatus(d) => {
             assert_eq!(d.status, MachineStatus::Busy);
             assert_eq!(d.previous, Some(MachineStatus::Starting));
@@ -1507,5 +1516,246 @@ async fn a_users_counter_tracks_running_and_held_jobs_through_every_path() {
         .unwrap();
     assert_eq!(counts(&mut c).await, UserCounts::default());
     assert_eq!(c.d.queued_count(&mut c.con).await.unwrap(), 0);
+    c.cleanup().await;
+}
+
+/// The score of a machine's entry in `leases`, if it has one.
+async fn lease_score(c: &mut Ctx, mid: Uuid) -> Option<u64> {
+    redis::cmd("ZSCORE")
+        .arg(c.d.keys().leases())
+        .arg(mid.to_string())
+        .query_async(&mut c.con)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_machine_running_job_after_job_has_one_lease_entry_that_the_reaper_keeps_honest() {
+    let mut c = ctx_with(DispatchConfig {
+        lease_ms: 1_000,
+        ..DispatchConfig::default()
+    })
+    .await;
+    let cls = classes(&[1]);
+    let jobs: Vec<NewJob> = (0..2).map(|_| new_job(Uuid::now_v7(), &cls[0])).collect();
+    for job in &jobs {
+        c.enqueue_ok(job).await;
+    }
+    let m = c.machine(1).await;
+    let first = c.claim_one(m, &cls).await;
+    assert_eq!(lease_score(&mut c, m).await, Some(first.started_ms + 1_000));
+
+    // The next job starts later, so it is due later: the entry (a lower bound) stays as it was.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let both =
+        c.d.complete_and_claim(
+            &mut c.con,
+            &m,
+            &first.execution_id,
+            "[]",
+            &Uuid::now_v7(),
+            &cls,
+        )
+        .await
+        .unwrap();
+    assert_eq!(both.completed, Fenced::Accepted(()));
+    let ClaimOutcome::Claimed(second) = both.next else {
+        panic!("{:?}", both.next)
+    };
+    assert!(second.started_ms > first.started_ms);
+    assert_eq!(lease_score(&mut c, m).await, Some(first.started_ms + 1_000));
+    let members: u64 = redis::cmd("ZCARD")
+        .arg(c.d.keys().leases())
+        .query_async(&mut c.con)
+        .await
+        .unwrap();
+    assert_eq!(members, 1, "one entry per machine, not per execution");
+
+    // When that bound passes, the reaper finds nothing due: it moves the entry to the running
+    // execution's own due time and touches nothing else.
+    let r =
+        c.d.requeue_expired_at(&mut c.con, 100, first.started_ms + 1_001)
+            .await
+            .unwrap();
+    assert_eq!((r.requeued, r.cleaned), (0, 1), "{r:?}");
+    assert_eq!(c.status(second.job_id).await, JobStatus::Processing);
+    assert_eq!(
+        lease_score(&mut c, m).await,
+        Some(second.started_ms + 1_000)
+    );
+
+    // At that time, the execution is lost and its job requeued; the entry goes with it.
+    let r =
+        c.d.requeue_expired_at(&mut c.con, 100, second.started_ms + 1_001)
+            .await
+            .unwrap();
+    assert_eq!(r.requeued, 1, "{r:?}");
+    assert_eq!(c.status(second.job_id).await, JobStatus::Queued);
+    assert_eq!(lease_score(&mut c, m).await, None);
+    let ms = c.d.machine(&mut c.con, &m).await.unwrap().unwrap();
+    assert!(ms.running.is_empty());
+    c.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_moves_the_lease_entry_to_the_soonest_due_execution() {
+    let mut c = ctx_with(DispatchConfig {
+        lease_ms: 5_000,
+        ..DispatchConfig::default()
+    })
+    .await;
+    let cls = classes(&[1]);
+    let short = NewJob {
+        timeout_ms: 2_000,
+        ..new_job(Uuid::now_v7(), &cls[0])
+    };
+    let long = new_job(Uuid::now_v7(), &cls[0]);
+    c.enqueue_ok(&long).await;
+    let m = c.machine(2).await;
+    let a = c.claim_one(m, &cls).await;
+    assert_eq!(lease_score(&mut c, m).await, Some(a.started_ms + 5_000));
+    // A job whose hard deadline comes before the first one's lease end lowers the bound.
+    c.enqueue_ok(&short).await;
+    let b = c.claim_one(m, &cls).await;
+    assert_eq!(b.job_id, short.job_id);
+    assert_eq!(lease_score(&mut c, m).await, Some(b.deadline_ms));
+
+    // A heartbeat that reports only the long job extends its lease; the short one keeps its
+    // deadline, which stays the soonest.
+    c.beat(m, &[a.execution_id]).await;
+    assert_eq!(lease_score(&mut c, m).await, Some(b.deadline_ms));
+    // Once the short one is over, the entry follows the long one's new lease end.
+    c.d.complete(&mut c.con, &m, &b.execution_id, "[]")
+        .await
+        .unwrap();
+    let before = c.redis_now_ms().await;
+    c.beat(m, &[a.execution_id]).await;
+    let score = lease_score(&mut c, m).await.unwrap();
+    assert!(score >= before + 5_000, "{score} vs {before}");
+    // Nothing left running: the heartbeat removes the entry.
+    c.d.complete(&mut c.con, &m, &a.execution_id, "[]")
+        .await
+        .unwrap();
+    c.beat(m, &[]).await;
+    assert_eq!(lease_score(&mut c, m).await, None);
+    c.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_repeated_completion_is_answered_ok_while_it_is_among_the_last_ends() {
+    let mut c = ctx().await;
+    let cls = classes(&[1]);
+    for _ in 0..6 {
+        c.enqueue_ok(&new_job(Uuid::now_v7(), &cls[0])).await;
+    }
+    let m = c.machine(2).await;
+    let a = c.claim_one(m, &cls).await;
+    let b = c.claim_one(m, &cls).await;
+    for run in [&a, &b] {
+        let out =
+            c.d.complete(&mut c.con, &m, &run.execution_id, "[]")
+                .await
+                .unwrap();
+        assert_eq!(out, Fenced::Accepted(()));
+    }
+    // The reply to the first was lost: the retry, after another end, is answered ok again and
+    // writes nothing.
+    let events = c.events().await.len();
+    let retry =
+        c.d.complete(&mut c.con, &m, &a.execution_id, "[]")
+            .await
+            .unwrap();
+    assert_eq!(retry, Fenced::Accepted(()));
+    assert_eq!(c.events().await.len(), events);
+
+    // Four more ends later it is a late report like any other: stale, recorded, nothing changed.
+    for _ in 0..4 {
+        let run = c.claim_one(m, &cls).await;
+        c.d.complete(&mut c.con, &m, &run.execution_id, "[]")
+            .await
+            .unwrap();
+    }
+    let late =
+        c.d.complete(&mut c.con, &m, &a.execution_id, "[]")
+            .await
+            .unwrap();
+    assert_eq!(late, Fenced::Stale);
+    assert_eq!(c.status(a.job_id).await, JobStatus::Completed);
+    let last = c.events().await.pop().unwrap();
+    assert_eq!(last.event_type, EventType::ExecutionStale);
+    assert_eq!(last.job_id, Some(a.job_id));
+    c.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_offline_machines_executions_are_lost_and_leave_its_list() {
+    let mut c = ctx_with(DispatchConfig {
+        lease_ms: 1_000,
+        ..DispatchConfig::default()
+    })
+    .await;
+    let cls = classes(&[1]);
+    let job = new_job(Uuid::now_v7(), &cls[0]);
+    c.enqueue_ok(&job).await;
+    let m = c.machine(1).await;
+    let run = c.claim_one(m, &cls).await;
+    let n =
+        c.d.sweep_machines_at(
+            &mut c.con,
+            Duration::from_secs(1),
+            100,
+            run.started_ms + 60_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let r =
+        c.d.requeue_expired_at(&mut c.con, 100, run.started_ms + 1_001)
+            .await
+            .unwrap();
+    assert_eq!(r.requeued, 1, "{r:?}");
+    assert_eq!(c.status(job.job_id).await, JobStatus::Queued);
+    let ms = c.d.machine(&mut c.con, &m).await.unwrap().unwrap();
+    assert_eq!(ms.status, MachineStatus::Offline);
+    assert!(ms.running.is_empty(), "{:?}", ms.running);
+    c.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_finished_job_keeps_its_hash_until_it_is_persisted() {
+    let mut c = ctx().await;
+    let cls = classes(&[1]);
+    let job = new_job(Uuid::now_v7(), &cls[0]);
+    c.enqueue_ok(&job).await;
+    let m = c.machine(1).await;
+    let run = c.claim_one(m, &cls).await;
+    c.d.complete(&mut c.con, &m, &run.execution_id, "[]")
+        .await
+        .unwrap();
+    let key = c.d.keys().job(&job.job_id);
+    let pttl = |c: &mut Ctx| {
+        let key = key.clone();
+        let mut con = c.con.clone();
+        async move {
+            redis::cmd("PTTL")
+                .arg(key)
+                .query_async::<i64>(&mut con)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(pttl(&mut c).await, -1, "no expiry before Postgres has it");
+    c.d.expire_finished(&mut c.con, &[job.job_id])
+        .await
+        .unwrap();
+    let ttl = pttl(&mut c).await;
+    let finished_ttl = i64::try_from(DispatchConfig::default().finished_ttl_ms).unwrap();
+    assert!(ttl > finished_ttl - 10_000 && ttl <= finished_ttl, "{ttl}");
+    // A second call (a batch read again) does not push the expiry back.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    c.d.expire_finished(&mut c.con, &[job.job_id])
+        .await
+        .unwrap();
+    assert!(pttl(&mut c).await < ttl);
     c.cleanup().await;
 }

@@ -112,7 +112,7 @@ async fn live_states(state: &AppState, ids: &[Uuid]) -> Option<HashMap<Uuid, Liv
     for (id, fields) in ids.iter().zip(&values) {
         let (status, heartbeat, execs): (Option<String>, Option<i64>, Option<String>) =
             redis::from_redis_value_ref(fields).unwrap_or_default();
-        // The machine's running executions, separated by spaces.
+        // The machine's running executions: one record each, separated by spaces.
         let running = execs
             .as_deref()
             .map_or(0, |e| e.split_ascii_whitespace().count()) as u64;

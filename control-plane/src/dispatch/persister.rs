@@ -99,6 +99,7 @@ pub struct Persister {
     redis: ConnectionManager,
     /// Blocking reads, on a connection of their own so they never delay other commands.
     reader: MultiplexedConnection,
+    dispatch: Dispatch,
     stream: EventStream,
     config: PersisterConfig,
     /// Read own pending entries before new ones: true at start and after any failure.
@@ -131,6 +132,7 @@ impl Persister {
             db,
             redis,
             reader,
+            dispatch: dispatch.clone(),
             stream,
             config,
             recovering: true,
@@ -233,6 +235,20 @@ impl Persister {
         let applied = apply_batch(&self.db, &events, &self.fallback_epoch).await?;
         report.persisted = applied.persisted;
         report.heartbeats = applied.heartbeats;
+        // Postgres now holds how these jobs ended: their hashes in Redis may expire.
+        let finished: Vec<Uuid> = events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.event_type,
+                    EventType::JobCompleted | EventType::JobFailed | EventType::JobCancelled
+                )
+            })
+            .filter_map(|e| e.job_id)
+            .collect();
+        self.dispatch
+            .expire_finished(&mut self.redis, &finished)
+            .await?;
         self.stream.ack(&mut self.redis, GROUP, &ids).await?;
         Ok(report)
     }

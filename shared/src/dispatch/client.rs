@@ -210,6 +210,38 @@ impl Dispatch {
         })
     }
 
+    /// Starts the expiry of finished jobs' hashes (`finished_ttl_ms` from now), once Postgres
+    /// holds how they ended. The functions that finish a job leave its hash without a TTL, so
+    /// a finished job is never forgotten by Redis before it is persisted (however long Postgres
+    /// is away); the persister calls this after each batch. Job ids that are not finished, or
+    /// not in Redis, are left alone. Two round trips: the setting, then one pipeline.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn expire_finished<C: ConnectionLike + Send>(
+        &self,
+        con: &mut C,
+        job_ids: &[Uuid],
+    ) -> Result<(), DispatchError> {
+        if job_ids.is_empty() {
+            return Ok(());
+        }
+        let ttl = self.config(con).await?.finished_ttl_ms;
+        let mut pipe = redis::pipe();
+        for id in job_ids {
+            // Only a hash that is finished (FAILED, COMPLETED, CANCELLED carry finished_ms) and has
+            // no TTL yet: the condition is Redis's own (PEXPIRE NX), the finished check is the
+            // caller's (it names jobs whose terminal event it persisted).
+            pipe.cmd("PEXPIRE")
+                .arg(self.keys.job(id))
+                .arg(ttl)
+                .arg("NX")
+                .ignore();
+        }
+        pipe.query_async::<()>(con).await?;
+        Ok(())
+    }
+
     // ---------------------------------------------------------------- control plane: jobs
 
     /// Queues a job (idempotent on its id).
@@ -299,8 +331,10 @@ impl Dispatch {
         }
     }
 
-    /// The reaper: handles up to `limit` expired leases and `limit` passed deadlines, using
-    /// Redis's clock. Call it until it handles fewer than `limit` of each.
+    /// The reaper: looks at up to `limit` machines whose lease bound has passed, using Redis's
+    /// clock, and handles every execution of theirs that is due (lease expired or deadline
+    /// passed). Each machine looked at counts at least once in the report (as `cleaned` when
+    /// nothing of it was due), so call it until the report's total is below `limit`.
     ///
     /// # Errors
     /// Redis errors.
@@ -1090,7 +1124,11 @@ impl Dispatch {
                 .as_deref()
                 .unwrap_or("")
                 .split_ascii_whitespace()
-                .map(|s| s.parse().map_err(|_| bad("execs")))
+                .map(|record| {
+                    // `<eid>,<job>,…`: see the layout in the module docs.
+                    let eid = record.split(',').next().unwrap_or_default();
+                    eid.parse().map_err(|_| bad("execs"))
+                })
                 .collect::<Result<_, _>>()?,
         }))
     }

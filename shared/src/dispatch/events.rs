@@ -427,7 +427,8 @@ pub struct JobSubmittedData {
 pub struct JobClaimedData {
     pub attempts: u32,
     pub user_id: Uuid,
-    pub deadline_ms: u64,
+    /// The job's timeout: the execution's hard deadline is the event's `ts` plus this.
+    pub timeout_ms: u64,
 }
 
 /// `job.completed`.
@@ -955,7 +956,7 @@ mod tests {
             ("machine2", MACHINE),
             (
                 "data2",
-                r#"{"attempts":1,"user_id":"0190f2a0-0000-7000-8000-0000000000dd","deadline_ms":1700000600500}"#,
+                r#"{"attempts":1,"user_id":"0190f2a0-0000-7000-8000-0000000000dd","timeout_ms":600000}"#,
             ),
         ]
     }
@@ -1016,7 +1017,7 @@ mod tests {
         let EventData::JobClaimed(claimed) = second.typed_data().unwrap() else {
             panic!("claim data");
         };
-        assert_eq!(claimed.deadline_ms, 1_700_000_600_500);
+        assert_eq!(claimed.timeout_ms, 600_000);
         // The entry's id, ts and epoch are shared.
         for event in [first, second] {
             assert_eq!(event.stream_id, "1700000000499-0");

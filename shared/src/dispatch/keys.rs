@@ -78,7 +78,7 @@ impl Keys {
     pub fn classes_version(&self) -> String {
         self.key("classes:ver")
     }
-    /// Sorted set: execution id → lease deadline (ms).
+    /// Sorted set: machine id → a lower bound (ms) of when its first running execution is due.
     pub fn leases(&self) -> String {
         self.key("leases")
     }
@@ -102,8 +102,8 @@ impl Keys {
     pub fn job(&self, job_id: &Uuid) -> String {
         self.key(&format!("job:{job_id}"))
     }
-    /// String: one execution, `<job> <machine> <status> <user> <deadline_ms> <attempts>
-    /// <started_ms>` (a tombstone for a while after it ends).
+    /// String: one execution, `<job> <machine> <user>`, written once by its claim; it expires
+    /// `finished_ttl_ms` after the execution's hard deadline.
     pub fn exec(&self, execution_id: &Uuid) -> String {
         self.key(&format!("exec:{execution_id}"))
     }
@@ -128,7 +128,8 @@ impl Keys {
     pub fn machine_wake(&self, machine_id: &Uuid) -> String {
         self.key(&format!("machine:{machine_id}:wake"))
     }
-    /// Hash: one machine; its field `execs` lists the executions it runs, separated by spaces.
+    /// Hash: one machine; its field `execs` holds a record per execution it runs, separated by
+    /// spaces (see the module docs).
     pub fn machine(&self, machine_id: &Uuid) -> String {
         self.key(&format!("machine:{machine_id}"))
     }

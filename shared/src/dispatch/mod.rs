@@ -27,11 +27,11 @@
 //! | `held:<user>` | zset | the user's QUEUED jobs parked while the user is at their limit (same scores) |
 //! | `user:<user>:running` | counter | the user's PROCESSING jobs + 2^20 × their held ones (kept at 0), so ending a job learns from its DECR whether anything of theirs waits ([`Dispatch::user_counts`]) |
 //! | `wake:<class>` | list | wake tokens for idle claimers (cut back to 32 when it reaches 64) |
-//! | `job:<id>` | hash | `user_id class priority seq score status attempts max_attempts timeout_ms cancel_requested payload` + while running `execution_id machine_id started_ms progress`, once finished `finished_ms error`; finished → TTL `finished_ttl_ms`, payload emptied (`""`); a completed job keeps its last `progress` (shown only while a job runs) |
-//! | `exec:<eid>` | string | `<job> <machine> <status> <user> <deadline_ms> <attempts> <started_ms>`, written whole: created by the claim with `SET NX` (which also proves the id unused), rewritten with its end status and TTL `finished_ttl_ms` when it ends, so a late report is told apart (its own machine → stale, another → refused). `attempts` is the job's, so `complete` need not read the job |
-//! | `leases` | zset | execution id → its next deadline: the lease's, or the hard deadline (`deadline_ms`, started + timeout) when that comes first. The reaper tells the two apart by `deadline_ms` (the `timeouts` key of earlier versions is no longer used) |
+//! | `job:<id>` | hash | `user_id class priority seq score status attempts max_attempts timeout_ms cancel_requested payload` + while running `execution_id machine_id started_ms progress`, once finished `finished_ms error`; finished → payload emptied (`""`), no TTL until the persister has written the job's end to Postgres, then TTL `finished_ttl_ms` ([`Dispatch::expire_finished`]), so Redis never forgets a finished job Postgres does not know about; a completed job keeps its last `progress` (shown only while a job runs) |
+//! | `exec:<eid>` | string | `<job> <machine> <user>`, written once: created by the claim with `SET NX PX` (which proves the id unused anywhere), expiring `finished_ttl_ms` after the execution's hard deadline. Whether it runs is its machine's list's business (below); this key tells a report about another machine's execution (refused) from a late one about the caller's own (stale), and names an execution's job for the API |
+//! | `leases` | zset | machine id → a lower bound of when its first execution is due (the `until_ms` of its records). A claim lowers it only when its execution is due sooner, so a machine running one job after another writes it at most once per heartbeat; the heartbeat sets it exactly; the reaper looks at a machine once its bound has passed, handles what is due and sets it exactly (or removes it) |
 //! | `machine-ids` | hash | external id → machine id |
-//! | `machine:<mid>` | hash | `status external_id provider region capabilities max_slots registered_ms last_heartbeat_ms gpu_stats execs [drain]`; `execs`: the ids of the executions it runs, separated by spaces, read and written with its status; OFFLINE/TERMINATED → TTL 7 days |
+//! | `machine:<mid>` | hash | `status external_id provider region capabilities max_slots registered_ms last_heartbeat_ms gpu_stats execs ended lease [drain]`; `execs`: one record per execution it runs, `<eid>,<job>,<user>,<attempts>,<started_ms>,<deadline_ms>,<until_ms>`, separated by spaces, read and written with its status (an execution runs exactly while its record is there; `until_ms` is its lease's end, or its hard deadline when that comes first); `ended`: its last 4 ended executions, `<eid>:<STATUS>`, so a report repeated after a lost reply is answered as the first was; `lease`: its score in `leases` ('' or missing: none); OFFLINE/TERMINATED → TTL 7 days (its records stay until the reaper loses them) |
 //! | `machine:<mid>:wake` | list | one token when a job of a class nobody had seen was queued (its idle claimer reads the classes at once); TTL 1 h |
 //! | `machines` | zset | machine id → last heartbeat (ms), machines not OFFLINE |
 //! | `events` | stream | every state change ([`events`]) |
@@ -48,7 +48,7 @@
 //! | `init_epoch` | control plane | `config` | epoch | created, epoch |
 //! | `enqueue` | control plane | `config seq queued classes classes:ver events heads machines job:<id> q:<class> wake:<class>` | job, user, class, requirements, priority, max_attempts, timeout_ms, payload, check_queue_size | queued(seq, parked) / exists(status) / queue_full(n) |
 //! | `cancel` | control plane | `config queued events heads job:<id>` | job | cancelled / cancel_requested(machine, exec) / finished(status) / unknown |
-//! | `requeue_expired` | control plane (reaper) | report keys | limit, now ('' = TIME) | requeued, failed, timed_out, cancelled, cleaned |
+//! | `requeue_expired` | control plane (reaper) | report keys | limit (machines), now ('' = TIME) | requeued, failed, timed_out, cancelled, cleaned (machines with nothing due) |
 //! | `machine_admin` | control plane | `config machines events machine:<mid>` | machine, drain/undrain/offline/terminated | ok(status) / unknown_machine |
 //! | `sweep_machines` | control plane | `config machines events` | stale_ms, limit, now | n marked OFFLINE |
 //! | `register` | agent | `config machines machine-ids events classes:ver` | candidate, external_id, provider, region, capabilities, max_slots | registered(mid, reused, classes_ver) / restoring |
@@ -91,7 +91,7 @@
 //! - **Complete and claim in one call** ([`Dispatch::complete_and_claim`]): the agent reports a
 //!   completed job and claims its next one in the same call, and both events go into one stream
 //!   entry ([`events`]). Every check of both is made before anything is written, except the next
-//!   execution id's freshness, found when the claim creates its record (refused then, with the
+//!   execution id's freshness, found when the claim creates its key (refused then, with the
 //!   job put back and the completion kept); the complete is fenced exactly as `complete`, and a
 //!   retry with the same two ids answers the same.
 //!
@@ -113,13 +113,13 @@
 //!
 //! | function | commands |
 //! |---|---|
-//! | `enqueue` | 11: HMGET config (with the epoch), HGET job, INCR seq, HSET job, INCR queued, HSETNX classes, GET user running, ZADD queue, ZADD LT heads, LPUSH wake, XADD (its event takes the entry id's time, so no TIME) (+ INCR classes:ver and 2-3 per live machine the first time a class is seen) |
-//! | `complete_claim` | 18: HMGET config, HMGET machine (status and running executions), TIME; complete: GET exec, ZREM leases, SET exec (end status and TTL), HSET + PEXPIRE job, DECR user running (it also tells whether the user has held jobs); claim: ZPOPMIN queue, HMGET job, INCR user running, SET NX exec, DECR queued, HSET job, ZADD leases, HSET machine (the list, the status unchanged: BUSY stays BUSY); one XADD for both events |
+//! | `enqueue` | 10: HMGET config (with the epoch), HGET job, INCR queued (which also checks `max_queue_size`: a refusal takes it back), INCR seq, HSET job, GET user running, ZADD queue, ZADD LT heads (a class already in the index is a known one: no HSETNX classes), LPUSH wake, XADD (its event takes the entry id's time, so no TIME) (+ HSETNX classes when the class was not in the index; + INCR classes:ver and 2-3 per live machine the first time a class is seen) |
+//! | `complete_claim` | 12: HMGET config, HMGET machine (status, running executions' records, recent ends, lease bound); complete: DECR user running (it also tells whether the user has held jobs); claim: ZPOPMIN queue, HMGET job, INCR user running, SET NX PX exec, DECR queued, one XADD for both events (its entry id's time is the call's: no TIME), HSET job (the claim), HSET job (the end, written once the time is known), HSET machine (records, recent ends and status in one write: BUSY stays BUSY). ZADD leases only when the new execution is due before the machine's bound |
 //!
-//! (Before this layout: 25 for `complete_claim`, 13 for `enqueue`; 36 in two calls before
-//! `complete_claim`.) The target of 12 is not met: an execution has its own record, lease entry
-//! and place in its machine's list, the job and user counters move at each end, and the
-//! control plane's `max_queue_size` needs the `queued` counter kept exact.
+//! Outside the functions, the persister sets each finished job's TTL in one pipeline per batch
+//! (a PEXPIRE each), once Postgres has its end. (Before: 18 for `complete_claim` with an
+//! execution record written three times and a lease entry per execution; 25 before that; 36 in
+//! two calls before `complete_claim`.)
 //!
 //! ## Security note
 //! Redis 7 checks every command a function runs against the *calling* user's ACL, so an agent's

@@ -8,10 +8,11 @@ local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 
 if not load_epoch() then return { 'restoring' } end
-local id, job, ex = fence(mid, eid, 'cancelled')
+local m = report_machine(mid)
+local id, job, rec = fence(mid, eid, m, 'cancelled')
 if not id then return { job } end
 if not job.cancel then return { 'not_requested' } end
-end_execution(eid, ex, 'CANCELLED')
+end_execution(mid, m, rec, 'CANCELLED')
 finish(id, 'CANCELLED', job.progress)
 emit('job.cancelled', id, eid, mid, json_obj({ { 'attempts', job.attempts, 'n' },
   { 'exec_status', 'CANCELLED', 'w' } }))

@@ -16,7 +16,7 @@ local direct = claim_classes(5)
 
 if not load_epoch() then return { 'restoring' } end
 local m = redis.call('HMGET', KEYS[6], unpack(MACHINE_FIELDS))
-if not m[1] or m[1] == 'OFFLINE' or m[1] == 'TERMINATED' then return { 'unknown_machine' } end
+if not m[1] or machine_gone(m[1]) then return { 'unknown_machine' } end
 local again = claim_again(mid, eid, m[4])
 if again then return again end
-return (claim_next(mid, eid, m, m[4], max_parks, 5, direct))
+return (claim_next(mid, eid, m, max_parks, 5, direct, false))

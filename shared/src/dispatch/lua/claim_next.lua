@@ -26,25 +26,23 @@ end
 -- whose reply was lost: the claim reply again (instead of leaving that job orphaned until its
 -- lease expires). `execs`: the machine's list, where a running execution is found without a
 -- read; nil when the id is not running there (an id used anywhere else is refused when the
--- claim tries to create its record: see claim_next).
+-- claim tries to create its exec key: see claim_next).
 local function claim_again(mid, eid, execs)
-  if not execs_has(execs, eid) then return nil end
-  local ex = exec_read(eid)
-  if not ex[1] then return nil end
-  if ex[2] == mid and ex[3] == 'RUNNING' then
-    local j = redis.call('HMGET', key('job:', ex[1]), 'max_attempts', 'class', 'priority',
-      'timeout_ms', 'payload')
-    return { 'claimed', ex[1], eid, ex[6], j[1], j[2], j[3], j[4], ex[4], ex[7], ex[5], j[5] or '' }
-  end
-  argerr('execution_id', 'already used')
+  local r = record_find(execs, eid)
+  if not r then return nil end
+  local j = redis.call('HMGET', key('job:', r[2]), 'max_attempts', 'class', 'priority',
+    'timeout_ms', 'payload')
+  return { 'claimed', r[2], eid, r[4], j[1], j[2], j[3], j[4], r[3], r[5], r[6], j[5] or '' }
 end
 
--- Claims the best head for machine `mid` (its HMGET of MACHINE_FIELDS in `m`, whose `execs`
--- the caller may have changed already: `execs` is the list to start from) as execution `eid`,
--- from the classes in ARGV[first_class..]. Returns the reply and whether it wrote the machine
--- (a claim writes the new list and status itself; otherwise the caller still has to).
-local function claim_next(mid, eid, m, execs, max_parks, first_class, direct)
+-- Claims the best head for machine `mid` (its HMGET of MACHINE_FIELDS in `m`, whose list and
+-- `ended` the caller may have changed already, in memory) as execution `eid`, from the classes in
+-- ARGV[first_class..]. Returns the reply and whether it wrote the machine (a claim writes the
+-- new list and status itself, with `ended` when `ended_changed`; otherwise the caller still has
+-- to).
+local function claim_next(mid, eid, m, max_parks, first_class, direct, ended_changed)
   if m[3] == '1' then return { 'draining' }, false end
+  local execs = m[4]
   local running = execs_count(execs)
   local max_slots = tonumber(m[2]) or 1
   if running >= max_slots then return { 'at_capacity' }, false end
@@ -170,31 +168,39 @@ local function claim_next(mid, eid, m, execs, max_parks, first_class, direct)
       local urk = key('user:', uid, ':running')
       if redis.call('INCR', urk) % HELD_UNIT <= cfg.per_user then
         -- Take it. Every number is formatted once, then passed on as text.
-        local now_s = now_text()
         local attempts = int((tonumber(j[3]) or 0) + 1)
-        local deadline = now_ms() + tonumber(j[6])
-        local deadline_s = int(deadline)
-        local lease = now_ms() + cfg.lease_ms
-        -- The execution's record, created only if its id was never used (SET NX): a retry of a
-        -- lost claim was answered before (claim_again); any other reuse is refused here, with
-        -- the job put back where it was and the user's count as it was.
-        if not redis.call('SET', key('exec:', eid), id .. ' ' .. mid .. ' RUNNING ' .. uid .. ' '
-          .. deadline_s .. ' ' .. attempts .. ' ' .. now_s, 'NX') then
+        local timeout = tonumber(j[6])
+        -- The execution's key, created only if its id was never used (SET NX): a retry of a lost
+        -- claim was answered before (claim_again); any other reuse is refused here, with the job
+        -- put back where it was and the user's count as it was.
+        if not redis.call('SET', key('exec:', eid), id .. ' ' .. mid .. ' ' .. uid, 'NX', 'PX',
+          int(timeout + cfg.finished_ttl)) then
           redis.call('DECR', urk)
           local score_s = int(score)
           redis.call('ZADD', key('q:', c), score_s, id)
           redis.call('ZADD', K.heads, 'LT', score_s, c)
+          -- What the caller ended stays ended: its machine written, its event too.
+          if ended_changed then refresh_machine(mid, m, m[4], m[5], nil) end
           flush_event()
           argerr('execution_id', 'already used')
         end
         redis.call('DECR', K.queued)
+        -- The event first: when the call has not read the time yet, its entry's time is the
+        -- claim's (see xadd), so no TIME call.
+        emit('job.claimed', id, eid, mid, '{"attempts":' .. attempts .. ',"user_id":"' .. uid
+          .. '","timeout_ms":' .. j[6] .. '}')
+        local now_s = now_text()
+        local deadline = now_ms() + timeout
+        local deadline_s = int(deadline)
+        local due = now_ms() + cfg.lease_ms
+        if deadline < due then due = deadline end
+        local due_s = due == deadline and deadline_s or int(due)
         redis.call('HSET', jk, 'status', 'PROCESSING', 'attempts', attempts, 'execution_id', eid,
           'machine_id', mid, 'started_ms', now_s)
-        redis.call('ZADD', K.leases, lease < deadline and int(lease) or deadline_s, eid)
-        local list = execs_add(execs, eid)
-        write_machine(mid, m, list, machine_status_for(nil, true, running + 1, max_slots), nil)
-        emit('job.claimed', id, eid, mid, '{"attempts":' .. attempts .. ',"user_id":"' .. uid
-          .. '","deadline_ms":' .. deadline_s .. '}')
+        local list = execs_add(execs, eid .. ',' .. id .. ',' .. uid .. ',' .. attempts .. ','
+          .. now_s .. ',' .. deadline_s .. ',' .. due_s)
+        write_machine(mid, m, list, machine_status_for(nil, true, running + 1, max_slots), nil,
+          ended_changed and m[5] or nil, lease_lower(mid, m[6], due, due_s))
         return done({ 'claimed', id, eid, attempts, j[4], c, j[5], j[6], uid, now_s, deadline_s,
           j[7] or '' }), true
       end

@@ -11,8 +11,9 @@
 -- * Every fixed key a function touches is declared in KEYS and checked by name (bind_keys,
 --   want_key), so a wrapper that passes keys in the wrong order fails loudly instead of writing
 --   to the wrong key.
--- * Times come from TIME, read once per call (now_ms), never from the caller (an agent's clock
---   is not to be trusted).
+-- * Times come from Redis's clock, never from the caller (an agent's clock is not to be
+--   trusted): from TIME, read once per call (now_ms), or, in a call that writes an event before
+--   it needs the time, from that event's stream entry id (see xadd), which spares the TIME.
 -- * Numbers go to redis.call as text, each formatted once (int()): a Lua number passed to
 --   redis.call is formatted by Redis with printf, about 1 µs each on a slow box. Integer
 --   arguments arrive as canonical digits (int_arg) and are passed on as they came.
@@ -32,6 +33,7 @@ local K -- set by each function with bind_keys: K.leases, K.events...
 local NOW, NOW_TEXT
 local EPOCH, CFG
 local HELD_EVENT
+local ON_EMITTED
 
 local function argerr(field, reason)
   error({ err = 'EMPARG ' .. field .. ': ' .. reason })
@@ -42,7 +44,7 @@ end
 local function begin(keys, args)
   KEYS, ARGV = keys, args
   P = args[1]
-  K, NOW, NOW_TEXT, EPOCH, CFG, HELD_EVENT = nil, nil, nil, nil, nil, nil
+  K, NOW, NOW_TEXT, EPOCH, CFG, HELD_EVENT, ON_EMITTED = nil, nil, nil, nil, nil, nil, nil
   if type(P) ~= 'string' or not string.match(P, '^{[%w_%.%-]+}:$') then
     argerr('prefix', 'must look like {name}:')
   end
@@ -196,8 +198,8 @@ local OFFLINE_MACHINE_TTL_MS = 7 * 24 * 3600 * 1000
 
 -- The epoch and the settings live in one hash (`config`), read with one HMGET per script. The
 -- epoch field is present once state is complete (restored after a Redis loss); agents' scripts
--- answer `restoring` while it is missing. finished_ttl is kept as text (it is only ever passed on
--- to PX/PEXPIRE). A user's running count shares its counter with their held jobs (see
+-- answer `restoring` while it is missing. finished_ttl is how long an execution's key outlives its
+-- deadline (see exec_owner). A user's running count shares its counter with their held jobs (see
 -- HELD_UNIT), so per_user is capped well below it.
 local function load_epoch()
   local c = redis.call('HMGET', K.config, 'epoch', 'max_concurrent_jobs_per_user',
@@ -209,7 +211,7 @@ local function load_epoch()
     per_user = per_user,
     max_queue = tonumber(c[3]) or 1000,
     lease_ms = tonumber(c[4]) or 60000,
-    finished_ttl = c[5] or '3600000',
+    finished_ttl = tonumber(c[5]) or 3600000,
   }
   return EPOCH
 end
@@ -231,9 +233,12 @@ local HELD_UNIT = 1048576
 -- applies them in that order). hold_event keeps an event back so the next emit writes both in
 -- one XADD; flush_event writes a held event alone. complete_claim uses it for the completion
 -- and the claim that follows.
--- `timed`: the entry carries `ts` (the call's time); without it, the time is the entry id's
--- (the same Redis clock, read by XADD itself), which spares a function that needs the time for
--- nothing else its TIME call (enqueue).
+-- `ts`: an entry carries the call's time when the call knows it already (read with TIME, or a
+-- test's clock). Otherwise the entry id's time is the event's, and becomes the call's: now_ms
+-- and now_text answer it from then on, so a function that writes its event before it needs the
+-- time (the claim, enqueue) reads no TIME. ON_EMITTED, when set, runs once the call's first
+-- entry is written: complete_claim writes the job's end there, with that time.
+-- `timed` false: never `ts` (enqueue, whose event time is always its entry's).
 local FIRST_EVENT = { 'type', 'job', 'exec', 'machine', 'data' }
 local SECOND_EVENT = { 'type2', 'job2', 'exec2', 'machine2', 'data2' }
 -- Appends one event's fields to `f` under `names` (FIRST_EVENT or SECOND_EVENT).
@@ -246,7 +251,7 @@ local function add_event(f, names, kind, job, exec, machine, data)
 end
 local function xadd(timed, kind, job, exec, machine, data)
   local f = {}
-  if timed then f[1] = 'ts'; f[2] = now_text() end
+  if timed and NOW then f[1] = 'ts'; f[2] = now_text() end
   if EPOCH then f[#f + 1] = 'ep'; f[#f + 1] = EPOCH end
   local first = HELD_EVENT
   if first then
@@ -256,7 +261,16 @@ local function xadd(timed, kind, job, exec, machine, data)
   else
     add_event(f, FIRST_EVENT, kind, job, exec, machine, data)
   end
-  redis.call('XADD', K.events, '*', unpack(f))
+  local id = redis.call('XADD', K.events, '*', unpack(f))
+  if not NOW then
+    NOW_TEXT = string.match(id, '^%d+')
+    NOW = tonumber(NOW_TEXT)
+  end
+  local after = ON_EMITTED
+  if after then
+    ON_EMITTED = nil
+    after()
+  end
 end
 local function emit(kind, job, exec, machine, data)
   xadd(true, kind, job, exec, machine, data)
@@ -284,11 +298,13 @@ end
 
 -- A QUEUED job into its class queue at `score`, with its wake token. The heads index keeps a
 -- lower bound of every non-empty queue's head (ZADD LT only ever lowers it, and adds the class
--- when it is missing); removals never touch it, claims that walk the index tighten it.
+-- when it is missing); removals never touch it, claims that walk the index tighten it. Returns
+-- whether the class was missing from the index (every class in it is a known one).
 local function place(class, id, score)
   redis.call('ZADD', key('q:', class), score, id)
-  redis.call('ZADD', K.heads, 'LT', score, class)
+  local added = redis.call('ZADD', K.heads, 'LT', score, class)
   wake(class)
+  return added == 1
 end
 
 -- Machine status follows from facts: the operator's drain flag, whether the agent said it is
@@ -308,49 +324,181 @@ local function status_json(new, old, reason)
   return s .. '}'
 end
 
--- A machine's running executions are the field `execs` of its hash: their ids, separated by
--- single spaces ('' or missing when idle). Read with the status in one HMGET, written with it in
--- one HSET. Every id is a checked 36-character UUID, so the count follows from the length.
-local MACHINE_FIELDS = { 'status', 'max_slots', 'drain', 'execs' }
+-- A machine's running executions live in its hash, field `execs`: one record each, separated by
+-- single spaces ('' or missing when idle), read with the status in one HMGET and written with it
+-- in one HSET:
+--   <eid>,<job>,<user>,<attempts>,<started_ms>,<deadline_ms>,<until_ms>
+-- `deadline_ms` is the hard one (the job's timeout); `until_ms` is when the execution is due:
+-- its lease's end, or its deadline when that comes first. Every part is a UUID or digits, so a
+-- record holds no space or comma of its own. An execution runs exactly while its record is
+-- there: nothing else says so.
+-- `ended`: the machine's last ENDED_KEEP executions that ended, `<eid>:<STATUS>` separated by
+-- spaces, newest first, so a report repeated after a lost reply is told apart from a late one.
+-- `lease`: the score of the machine's entry in `leases`, missing or '' when it has none (see
+-- lease_lower).
+local MACHINE_FIELDS = { 'status', 'max_slots', 'drain', 'execs', 'ended', 'lease' }
+local ENDED_KEEP = 4
+local RECORD_PATTERN = '^([^,]+),([^,]+),([^,]+),([^,]+),([^,]+),([^,]+),([^ ]+)'
+
 local function execs_count(execs)
   if not execs or execs == '' then return 0 end
-  return (#execs + 1) / 37
-end
-local function execs_has(execs, eid)
-  return execs and execs ~= '' and string.find(execs, eid, 1, true) ~= nil
-end
-local function execs_add(execs, eid)
-  if not execs or execs == '' then return eid end
-  return execs .. ' ' .. eid
-end
--- Returns the list without `eid` (unchanged when it is not there).
-local function execs_remove(execs, eid)
-  if not execs or execs == '' then return '' end
-  if execs == eid then return '' end
-  local at = string.find(execs, eid, 1, true)
-  if not at then return execs end
-  if at == 1 then return string.sub(execs, 38) end
-  return string.sub(execs, 1, at - 2) .. string.sub(execs, at + 36)
+  local n, at = 1, string.find(execs, ' ', 1, true)
+  while at do
+    n = n + 1
+    at = string.find(execs, ' ', at + 1, true)
+  end
+  return n
 end
 
--- Writes a machine's execution list and, when it changed, its status with its machine.status
--- event, in one HSET. `m` is the machine's HMGET of MACHINE_FIELDS.
-local function write_machine(mid, m, execs, new, reason)
-  local mk = key('machine:', mid)
-  if new ~= m[1] then
-    redis.call('HSET', mk, 'execs', execs, 'status', new)
-    emit('machine.status', nil, nil, mid, status_json(new, m[1], reason))
-  else
-    redis.call('HSET', mk, 'execs', execs)
+-- Where `eid`'s record starts in `execs`, or nil.
+local function record_at(execs, eid)
+  if not execs or execs == '' then return nil end
+  local from = 1
+  while true do
+    local at = string.find(execs, eid, from, true)
+    if not at then return nil end
+    if (at == 1 or string.byte(execs, at - 1) == 32) and string.byte(execs, at + 36) == 44 then
+      return at
+    end
+    from = at + 36
+  end
+end
+
+-- A record as a table: { eid, job, user, attempts, started_ms, deadline_ms, until_ms } (text).
+local function record_parse(execs, at)
+  return { string.match(execs, RECORD_PATTERN, at) }
+end
+
+-- `eid`'s record on this list, or nil.
+local function record_find(execs, eid)
+  local at = record_at(execs, eid)
+  if not at then return nil end
+  return record_parse(execs, at)
+end
+
+local function record_text(r)
+  return r[1] .. ',' .. r[2] .. ',' .. r[3] .. ',' .. r[4] .. ',' .. r[5] .. ',' .. r[6] .. ','
+    .. r[7]
+end
+
+-- Every record of the list, parsed.
+local function records(execs)
+  local out = {}
+  for r in string.gmatch(execs or '', '[^ ]+') do
+    out[#out + 1] = { string.match(r, RECORD_PATTERN) }
+  end
+  return out
+end
+
+local function records_text(recs)
+  local parts = {}
+  for i = 1, #recs do parts[i] = record_text(recs[i]) end
+  return table.concat(parts, ' ')
+end
+
+local function execs_add(execs, record)
+  if not execs or execs == '' then return record end
+  return execs .. ' ' .. record
+end
+
+-- Returns the list without `eid`'s record (unchanged when it is not there).
+local function execs_remove(execs, eid)
+  local at = record_at(execs, eid)
+  if not at then return execs or '' end
+  local stop = string.find(execs, ' ', at, true)
+  if not stop then
+    if at == 1 then return '' end
+    return string.sub(execs, 1, at - 2)
+  end
+  if at == 1 then return string.sub(execs, stop + 1) end
+  return string.sub(execs, 1, at - 1) .. string.sub(execs, stop + 1)
+end
+
+-- `ended` with `eid` (ended with `status`) in front, cut to ENDED_KEEP entries.
+local function ended_add(ended, eid, status)
+  local e = eid .. ':' .. status
+  if not ended or ended == '' then return e end
+  local s = e .. ' ' .. ended
+  local at = 0
+  for _ = 1, ENDED_KEEP do
+    at = string.find(s, ' ', at + 1, true)
+    if not at then return s end
+  end
+  return string.sub(s, 1, at - 1)
+end
+
+-- How `eid` ended on this machine, if it is one of its last ENDED_KEEP.
+local function ended_status(ended, eid)
+  if not ended or ended == '' then return nil end
+  local at = string.find(ended, eid .. ':', 1, true)
+  if not at then return nil end
+  return string.match(ended, '^[^:]+:(%u+)', at)
+end
+
+-- The machine's entry in `leases` (member: its id) is a lower bound of its records' until_ms; the
+-- reaper looks at a machine when that bound has passed. A new record due sooner lowers it (one
+-- ZADD); one due later needs nothing, so a machine running one job after another writes it once
+-- per heartbeat, not twice per job. Ends leave it as it is: the reaper, finding nothing due,
+-- moves it to the true minimum (or removes it), as every heartbeat does. Returns the new score
+-- as text for the machine's `lease` field, or nil when it did not change.
+local function lease_lower(mid, lease, until_ms, until_text)
+  local current = tonumber(lease)
+  if current and current <= until_ms then return nil end
+  redis.call('ZADD', K.leases, until_text, mid)
+  return until_text
+end
+
+-- Sets the machine's entry to the soonest until_ms of `recs` (removed when there is none).
+-- Returns the `lease` field's new value, or nil when it did not change.
+local function lease_exact(mid, lease, recs)
+  local soonest
+  for i = 1, #recs do
+    local u = tonumber(recs[i][7])
+    if not soonest or u < soonest then soonest = u end
+  end
+  if not soonest then
+    if not lease or lease == '' then return nil end
+    redis.call('ZREM', K.leases, mid)
+    return ''
+  end
+  local text = int(soonest)
+  if text == lease then return nil end
+  redis.call('ZADD', K.leases, text, mid)
+  return text
+end
+
+-- Writes a machine's execution list, and whatever else changed, in one HSET: its status (with
+-- its machine.status event) when `new` differs, `ended` and `lease` when given. `m` is the
+-- machine's HMGET of MACHINE_FIELDS; it is brought up to date.
+local function write_machine(mid, m, execs, new, reason, ended, lease)
+  local f = { 'execs', execs }
+  if new ~= m[1] then f[#f + 1] = 'status'; f[#f + 1] = new end
+  if ended then f[#f + 1] = 'ended'; f[#f + 1] = ended; m[5] = ended end
+  if lease then f[#f + 1] = 'lease'; f[#f + 1] = lease; m[6] = lease end
+  redis.call('HSET', key('machine:', mid), unpack(f))
+  local old = m[1]
+  m[1], m[4] = new, execs
+  if new ~= old then
+    emit('machine.status', nil, nil, mid, status_json(new, old, reason))
   end
   return new
 end
 
--- Writes a machine's execution list with the status that follows from it (drain flag, readiness
--- and slots as `m` holds them).
-local function refresh_machine(mid, m, execs)
-  return write_machine(mid, m, execs, machine_status_for(m[3], m[1] ~= 'STARTING',
-    execs_count(execs), tonumber(m[2]) or 1), nil)
+-- A machine the operator or the sweeper took out keeps that status whatever it runs.
+local function machine_gone(status)
+  return status == 'OFFLINE' or status == 'TERMINATED'
+end
+
+-- The status that follows from the list `execs` (drain flag, readiness and slots as `m` holds
+-- them; a gone machine stays as it is).
+local function status_after(m, execs)
+  if machine_gone(m[1]) then return m[1] end
+  return machine_status_for(m[3], m[1] ~= 'STARTING', execs_count(execs), tonumber(m[2]) or 1)
+end
+
+-- Writes a machine's execution list with the status that follows from it.
+local function refresh_machine(mid, m, execs, ended, lease)
+  return write_machine(mid, m, execs, status_after(m, execs), nil, ended, lease)
 end
 
 -- Writes a machine's new status, with its machine.status event, when it changed.
@@ -362,18 +510,13 @@ local function set_machine_status(mid, old, new, reason)
   return new
 end
 
--- An execution is one string key, `exec:<eid>`, written whole: "<job> <machine> <status> <user>
--- <deadline_ms> <attempts> <started_ms>" (every part a UUID, a status word or digits). Created
--- with SET NX by the claim (which also proves the id unused), rewritten with its end status and
--- an expiry (a tombstone for finished_ttl, so a late report can be told apart) when it ends.
-local function exec_read(eid)
+-- An execution also has a string key, `exec:<eid>` = "<job> <machine> <user>", created by the
+-- claim with SET NX (which proves the id unused anywhere) and never written again; it expires
+-- finished_ttl after the execution's deadline. It tells a report about another machine's
+-- execution (refused) from a late one about the caller's own (stale), and names the job of an
+-- execution for the API.
+local function exec_owner(eid)
   local v = redis.call('GET', key('exec:', eid))
-  if not v then return {} end
-  local job, mid, status, user, deadline, attempts, started =
-    string.match(v, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
-  return { job, mid, status, user, deadline, attempts, started }
-end
-local function exec_text(ex, status)
-  return ex[1] .. ' ' .. ex[2] .. ' ' .. status .. ' ' .. ex[4] .. ' ' .. ex[5] .. ' ' .. ex[6]
-    .. ' ' .. ex[7]
+  if not v then return nil, nil end
+  return string.sub(v, 1, 36), string.sub(v, 38, 73)
 end

@@ -9,11 +9,12 @@ local eid = uuid_arg(ARGV[3], 'execution_id')
 local outputs = json_arg(ARGV[4], 1048576, 'outputs')
 
 if not load_epoch() then return { 'restoring' } end
-local id, job, ex = fence(mid, eid, 'complete', 'COMPLETED', true)
+local m = report_machine(mid)
+local id, job, rec = fence(mid, eid, m, 'complete', 'COMPLETED', true)
 -- A repeat of a complete that went through (its reply was lost) is answered ok, once more.
 if job == 'again' then return { 'ok' } end
 if not id then return { job } end
-end_execution(eid, ex, 'COMPLETED')
+end_execution(mid, m, rec, 'COMPLETED')
 -- (The last progress stays: it is shown only while a job runs, and dropping it costs a command.)
 finish(id, 'COMPLETED', false)
 emit('job.completed', id, eid, mid, '{"attempts":' .. job.attempts_text

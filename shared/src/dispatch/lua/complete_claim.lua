@@ -25,38 +25,34 @@ if not load_epoch() then return { 'restoring' } end
 local m = redis.call('HMGET', KEYS[6], unpack(MACHINE_FIELDS))
 local again = claim_again(mid, next_eid, m[4])
 
--- complete.lua's work; the machine is left for the end. The user's slot is freed first, so a
--- job of theirs it unparks competes for this claim.
+-- complete.lua's work, in memory for the machine (written once, at the end or by the claim).
+-- The user's slot is freed first, so a job of theirs it unparks competes for this claim.
 local done
 local freed = false
-local id, job, ex = fence(mid, eid, 'complete', 'COMPLETED', true)
+local id, job, rec = fence(mid, eid, m, 'complete', 'COMPLETED', true)
 if job == 'again' then
   done = 'ok'
 elseif not id then
   done = job
 else
-  end_execution_later(eid, ex, 'COMPLETED')
-  finish(id, 'COMPLETED', false)
-  -- Held back: the claim's event (or the machine's) goes into the same stream entry.
+  end_execution_later(m, rec, 'COMPLETED')
+  -- Held back: the claim's event (or the machine's) goes into the same stream entry, whose time
+  -- is the call's; the job's end is written once it is known.
+  ON_EMITTED = function() finish(id, 'COMPLETED', false) end
   hold_event('job.completed', id, eid, mid, '{"attempts":' .. job.attempts_text
     .. ',"exec_status":"COMPLETED","outputs":' .. outputs .. '}')
-  release_user(ex[4])
   done = 'ok'
   freed = true
 end
 
-local gone = not m[1] or m[1] == 'OFFLINE' or m[1] == 'TERMINATED'
-local execs = m[4]
-if freed then execs = execs_remove(execs, eid) end
 local claim, wrote = { 'unknown_machine' }, false
 if again then
   claim = again
-elseif not gone then
-  claim, wrote = claim_next(mid, next_eid, m, execs, max_parks, 7, direct)
+elseif m[1] and not machine_gone(m[1]) then
+  claim, wrote = claim_next(mid, next_eid, m, max_parks, 7, direct, freed)
 end
--- The finished execution leaves the machine's list (a claim that took a job wrote the list
--- already).
-if freed and not wrote and not gone then refresh_machine(mid, m, execs) end
+-- The finished execution leaves the machine's list (a claim that took a job wrote it already).
+if freed and not wrote then refresh_machine(mid, m, m[4], m[5], nil) end
 flush_event()
 table.insert(claim, 1, done)
 return claim

@@ -8,20 +8,26 @@ local mid = uuid_arg(ARGV[2], 'machine_id')
 local mk = want_key(7, 'machine:' .. mid)
 
 if not load_epoch() then return { 'restoring' } end
-local m = redis.call('HMGET', mk, 'status', 'execs')
+local m = report_machine(mid)
 local old = m[1]
 if not old then return { 'unknown_machine' } end
 local lost = 0
-for eid in string.gmatch(m[2] or '', '%S+') do
-  if lose_execution(eid, exec_read(eid), 'deregistered') ~= 'cleaned' then lost = lost + 1 end
+for _, rec in ipairs(records(m[4])) do
+  if lose_execution(mid, m, rec, 'deregistered') ~= 'cleaned' then lost = lost + 1 end
 end
--- Whatever lose_execution did not remove (executions that had already ended).
-redis.call('HSET', mk, 'execs', '')
+local f = { 'execs', '', 'ended', m[5] or '' }
+if m[6] and m[6] ~= '' then
+  redis.call('ZREM', K.leases, mid)
+  f[#f + 1] = 'lease'; f[#f + 1] = ''
+end
 redis.call('ZREM', K.machines, mid)
 if old ~= 'OFFLINE' and old ~= 'TERMINATED' then
-  redis.call('HSET', mk, 'status', 'OFFLINE')
+  f[#f + 1] = 'status'; f[#f + 1] = 'OFFLINE'
+  redis.call('HSET', mk, unpack(f))
   redis.call('PEXPIRE', mk, OFFLINE_MACHINE_TTL_MS)
   emit('machine.status', nil, nil, mid, json_obj({ { 'status', 'OFFLINE', 'w' },
     { 'previous', old, 'w' }, { 'reason', 'deregistered', 'w' } }))
+else
+  redis.call('HSET', mk, unpack(f))
 end
 return { 'ok', lost }

@@ -25,9 +25,12 @@ load_epoch()
 local existing = redis.call('HGET', jk, 'status')
 if existing then return { 'exists', existing } end
 local cfg = config()
-if check then
-  local queued = tonumber(redis.call('GET', K.queued) or '0')
-  if queued >= cfg.max_queue then return { 'queue_full', queued } end
+-- Counted first, so the limit costs no extra read; a refusal takes it back (nothing else has
+-- been written yet).
+local queued = redis.call('INCR', K.queued)
+if check and queued > cfg.max_queue then
+  redis.call('DECR', K.queued)
+  return { 'queue_full', queued - 1 }
 end
 
 local seq = redis.call('INCR', K.seq)
@@ -39,8 +42,18 @@ local seq_s = int(seq)
 redis.call('HSET', jk, 'user_id', uid, 'class', class, 'priority', ARGV[6], 'seq', seq_s,
   'score', score, 'status', 'QUEUED', 'attempts', '0', 'max_attempts', ARGV[7],
   'timeout_ms', ARGV[8], 'cancel_requested', '0', 'payload', payload)
-redis.call('INCR', K.queued)
-if redis.call('HSETNX', K.classes, class, requirements) == 1 then
+-- A user already at their limit: straight to the held set, so claims never have to look at it.
+local urk = key('user:', uid, ':running')
+local parked = tonumber(redis.call('GET', urk) or '0') % HELD_UNIT >= cfg.per_user
+local maybe_new_class = true
+if parked then
+  redis.call('ZADD', key('held:', uid), score, id)
+  redis.call('INCRBY', urk, HELD_UNIT)
+else
+  -- A class already in the heads index is a known one: no HSETNX for it.
+  maybe_new_class = place(class, id, score)
+end
+if maybe_new_class and redis.call('HSETNX', K.classes, class, requirements) == 1 then
   redis.call('INCR', K['classes:ver'])
   -- A class nobody has seen: every machine's idle claimer is told at once (a token on its own
   -- machine:<mid>:wake list, which it blocks on with its classes' lists), so the first job of a
@@ -53,15 +66,6 @@ if redis.call('HSETNX', K.classes, class, requirements) == 1 then
     if redis.call('LPUSH', mw, '1') > 1 then redis.call('LTRIM', mw, 0, 0) end
     redis.call('PEXPIRE', mw, '3600000')
   end
-end
--- A user already at their limit: straight to the held set, so claims never have to look at it.
-local urk = key('user:', uid, ':running')
-local parked = tonumber(redis.call('GET', urk) or '0') % HELD_UNIT >= cfg.per_user
-if parked then
-  redis.call('ZADD', key('held:', uid), score, id)
-  redis.call('INCRBY', urk, HELD_UNIT)
-else
-  place(class, id, score)
 end
 -- Nothing here needs the time but the event, which takes its entry id's: no TIME call.
 emit_untimed('job.submitted', id, nil, nil, '{"user_id":"' .. uid .. '","class":"' .. class

@@ -11,9 +11,10 @@ local err = json_arg(ARGV[4], 65536, 'error')
 local retryable = int_arg(ARGV[5], 0, 1, 'retryable') == 1
 
 if not load_epoch() then return { 'restoring' } end
-local id, job, ex = fence(mid, eid, 'fail')
+local m = report_machine(mid)
+local id, job, rec = fence(mid, eid, m, 'fail')
 if not id then return { job } end
-end_execution(eid, ex, 'FAILED')
+end_execution(mid, m, rec, 'FAILED')
 local data = json_obj({ { 'attempts', job.attempts, 'n' }, { 'retryable', retryable, 'b' },
   { 'exec_status', 'FAILED', 'w' }, { 'reason', 'failed', 'w' }, { 'error', err, 'raw' } })
 if job.cancel then

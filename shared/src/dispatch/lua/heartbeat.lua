@@ -14,59 +14,58 @@ if #ARGV - 4 > 1024 then argerr('running', 'at most 1024 execution ids') end
 for i = 5, #ARGV do uuid_arg(ARGV[i], 'running') end
 
 if not load_epoch() then return { 'restoring' } end
-local m = redis.call('HMGET', mk, 'status', 'drain', 'max_slots', 'execs')
+local m = redis.call('HMGET', mk, 'status', 'drain', 'max_slots', 'execs', 'lease')
 if not m[1] or m[1] == 'OFFLINE' or m[1] == 'TERMINATED' then return { 'unknown_machine' } end
 local now = now_text()
 
-local current = {}
-local n_running = 0
-if m[4] and m[4] ~= '' then
-  for e in string.gmatch(m[4], '%S+') do
-    current[e] = true
-    n_running = n_running + 1
-  end
-end
 -- Only executions both sides agree on get their lease extended (up to their hard deadline): one
 -- the machine holds but the agent no longer reports (it restarted, it lost track) must expire
 -- and be requeued; one the agent reports but the machine does not hold (requeued, timed out,
 -- never its own) must stop.
 local lease_until = now_ms() + config().lease_ms
 local lease_text = nil
-local cancel, abandon, seen = {}, {}, {}
+local reported = {}
+for i = 5, #ARGV do reported[ARGV[i]] = true end
+local recs = records(m[4])
+local cancel, abandon = {}, {}
 local extended = 0
-for i = 5, #ARGV do
-  local eid = ARGV[i]
-  if not seen[eid] then
-    seen[eid] = true
-    if current[eid] then
-      local e = exec_read(eid)
-      local deadline = tonumber(e[5])
-      local until_text
-      if deadline and deadline < lease_until then
-        until_text = e[5]
-      else
-        lease_text = lease_text or int(lease_until)
-        until_text = lease_text
-      end
-      redis.call('ZADD', K.leases, 'XX', until_text, eid)
-      extended = extended + 1
-      if e[1] and redis.call('HGET', key('job:', e[1]), 'cancel_requested') == '1' then
-        cancel[#cancel + 1] = eid
-      end
+local held = {}
+for _, rec in ipairs(recs) do
+  local eid = rec[1]
+  held[eid] = true
+  if reported[eid] then
+    if tonumber(rec[6]) < lease_until then
+      rec[7] = rec[6]
     else
-      abandon[#abandon + 1] = eid
+      lease_text = lease_text or int(lease_until)
+      rec[7] = lease_text
+    end
+    extended = extended + 1
+    if redis.call('HGET', key('job:', rec[2]), 'cancel_requested') == '1' then
+      cancel[#cancel + 1] = eid
     end
   end
 end
-
--- The beat and the status in one write.
-local status = machine_status_for(m[2], state == 'READY', n_running, tonumber(m[3]) or 1)
-if status ~= m[1] then
-  redis.call('HSET', mk, 'last_heartbeat_ms', now, 'gpu_stats', gpu, 'status', status)
-  emit('machine.status', nil, nil, mid, status_json(status, m[1], nil))
-else
-  redis.call('HSET', mk, 'last_heartbeat_ms', now, 'gpu_stats', gpu)
+for i = 5, #ARGV do
+  local eid = ARGV[i]
+  if not held[eid] then
+    held[eid] = true
+    abandon[#abandon + 1] = eid
+  end
 end
+
+-- The beat, the records and the status in one write; the machine's lease entry follows its
+-- records (one ZADD at most).
+local f = { 'last_heartbeat_ms', now, 'gpu_stats', gpu }
+if extended > 0 then f[#f + 1] = 'execs'; f[#f + 1] = records_text(recs) end
+local lease = lease_exact(mid, m[5], recs)
+if lease then f[#f + 1] = 'lease'; f[#f + 1] = lease end
+local status = machine_status_for(m[2], state == 'READY', #recs, tonumber(m[3]) or 1)
+if status ~= m[1] then
+  f[#f + 1] = 'status'; f[#f + 1] = status
+end
+redis.call('HSET', mk, unpack(f))
+if status ~= m[1] then emit('machine.status', nil, nil, mid, status_json(status, m[1], nil)) end
 redis.call('ZADD', K.machines, now, mid)
 emit('machine.heartbeat', nil, nil, mid, json_obj({ { 'running', extended, 'n' },
   { 'status', status, 'w' }, { 'gpu', gpu, 'raw' } }))

@@ -2,15 +2,6 @@
 -- complete_claim, fail, cancelled, release, progress, cancel, requeue_expired, deregister), in
 -- the library after common.lua.
 
--- Takes `eid` off its machine's list and refreshes the machine's status, in one read and one
--- write (nothing for a machine that is gone).
-local function machine_release(mid, eid)
-  local m = redis.call('HMGET', key('machine:', mid), unpack(MACHINE_FIELDS))
-  local old = m[1]
-  if not old or old == 'OFFLINE' or old == 'TERMINATED' then return old end
-  return refresh_machine(mid, m, execs_remove(m[4], eid))
-end
-
 -- Moves up to `free` of a user's held jobs back to their class queues, best first (ZPOPMIN:
 -- one command reads and removes them), and wakes claimers for them. Called whenever the user's
 -- running count drops while something of theirs is held. Every job popped leaves the held count,
@@ -49,18 +40,20 @@ local function release_user(uid)
   unpark_room(uid, n)
 end
 
--- Ends an execution: its lease entry gone, its record rewritten with its end status and an
--- expiry (so a late report can still be told apart: another machine's → refused, its own →
--- stale), machine and user slots freed. `ex` is its exec_read. end_execution_later leaves the
--- machine and the user to the caller (complete_claim, which claims the next job first).
-local function end_execution_later(eid, ex, exec_status)
-  redis.call('ZREM', K.leases, eid)
-  redis.call('SET', key('exec:', eid), exec_text(ex, exec_status), 'PX', config().finished_ttl)
+-- Ends execution `rec` (its record, see common.lua) on machine `m` (its HMGET of
+-- MACHINE_FIELDS), in memory only: the record leaves the list and the end goes in front of
+-- `ended`. The caller writes the machine (write_machine/refresh_machine with m[4] and m[5]) once,
+-- however many executions it ended. The user's slot is freed at once.
+local function end_execution_later(m, rec, exec_status)
+  m[4] = execs_remove(m[4], rec[1])
+  m[5] = ended_add(m[5], rec[1], exec_status)
+  release_user(rec[3])
 end
-local function end_execution(eid, ex, exec_status)
-  end_execution_later(eid, ex, exec_status)
-  machine_release(ex[2], eid)
-  release_user(ex[4])
+
+-- Ends one execution and writes its machine. Its lease entry stays (see lease_lower).
+local function end_execution(mid, m, rec, exec_status)
+  end_execution_later(m, rec, exec_status)
+  refresh_machine(mid, m, m[4], m[5], nil)
 end
 
 -- A job back in its place: the score it got at submission is kept, so a requeued job goes
@@ -73,8 +66,11 @@ local function requeue(id, class, score)
   place(class, id, score)
 end
 
--- A finished job keeps its hash for finished_ttl (idempotent enqueue, late reports, the API's
--- fast path) but not its payload, which is the big part: it is emptied in the same HSET.
+-- A finished job keeps its hash (idempotent enqueue, late reports, the API's fast path, and the
+-- reconciler, which must not restore a job Postgres does not know finished yet) but not its
+-- payload, which is the big part: it is emptied in the same HSET. It gets no TTL here: the
+-- persister starts its finished_ttl once Postgres holds the job's end (Dispatch::expire_finished),
+-- so Redis never forgets a finished job that is not persisted yet.
 -- `had_progress`: the job has a progress field to drop. `field, value`: one more field to set.
 local function finish(id, status, had_progress, field, value)
   local jk = key('job:', id)
@@ -85,7 +81,6 @@ local function finish(id, status, had_progress, field, value)
     redis.call('HSET', jk, 'status', status, 'finished_ms', now_text(), 'payload', '')
   end
   if had_progress then redis.call('HDEL', jk, 'progress') end
-  redis.call('PEXPIRE', jk, config().finished_ttl)
 end
 
 -- The job fields a fenced report or an expiry needs, in this order (see job_fields).
@@ -107,46 +102,48 @@ local function job_fields(id)
   }
 end
 
--- The fence. A report is accepted only from the job's current execution, and only from the
--- machine that runs it. Returns job id and the job's fields (job_fields, plus `user`) on
--- success, else nil and the outcome to reply with. Another machine's report changes nothing and
--- writes no event (it must not get the real execution marked stale); a late report of the
--- caller's own execution is recorded as execution.stale. `done_status`: the execution status
--- this report leads to, when a repeat of it (the agent retrying after a lost reply) should just
--- be answered 'again'. `light`: the caller needs only `user` and `attempts_text` (complete),
--- which the execution holds: a RUNNING execution is always its job's current one (every script
--- that moves a job on ends its execution first), so the job is not read. The third result is the
--- execution's exec_read, for end_execution.
-local function fence(mid, eid, report, done_status, light)
-  local ex = exec_read(eid)
-  if ex[1] and ex[2] ~= mid then return nil, 'not_owner' end
-  if ex[1] and done_status and ex[3] == done_status then return nil, 'again' end
-  if light and ex[3] == 'RUNNING' then
-    return ex[1], { user = ex[4], attempts_text = ex[6] }, ex
-  end
-  if ex[1] and ex[3] == 'RUNNING' then
-    local j = job_fields(ex[1])
+-- The fence. A report is accepted only from the machine that runs the execution, while it runs
+-- (its record is on the machine's list), and only while it is its job's current one. `m`: the
+-- caller's machine, its HMGET of MACHINE_FIELDS. Returns job id, the job's fields (job_fields,
+-- plus `user`) and the execution's record on success, else nil and the outcome to reply with.
+-- Another machine's report changes nothing and writes no event (it must not get the real
+-- execution marked stale); a late report of the caller's own execution is recorded as
+-- execution.stale. `done_status`: the execution status this report leads to, when a repeat of
+-- it (the agent retrying after a lost reply) should just be answered 'again'. `light`: the
+-- caller needs only `user` and `attempts_text` (complete), which the record holds: a running
+-- execution is always its job's current one (every function that moves a job on ends its
+-- execution first), so the job is not read.
+local function fence(mid, eid, m, report, done_status, light)
+  local rec = record_find(m[4], eid)
+  if rec then
+    if light then return rec[2], { user = rec[3], attempts_text = rec[4] }, rec end
+    local j = job_fields(rec[2])
     if j.status == 'PROCESSING' and j.execution_id == eid then
-      j.user = ex[4]
-      return ex[1], j, ex
+      j.user = rec[3]
+      return rec[2], j, rec
     end
+    -- (A running record whose job moved on should not happen: reported as stale.)
+    emit('execution.stale', rec[2], eid, mid,
+      json_obj({ { 'report', report, 'w' }, { 'exec_status', 'RUNNING', 'w' } }))
+    return nil, 'stale'
   end
-  emit('execution.stale', ex[1], eid, mid,
-    json_obj({ { 'report', report, 'w' }, { 'exec_status', ex[3], 'w' } }))
+  local job, owner = exec_owner(eid)
+  if owner and owner ~= mid then return nil, 'not_owner' end
+  local ended = ended_status(m[5], eid)
+  if ended and done_status and ended == done_status then return nil, 'again' end
+  emit('execution.stale', job, eid, mid,
+    json_obj({ { 'report', report, 'w' }, { 'exec_status', ended, 'w' } }))
   return nil, 'stale'
 end
 
 -- An execution nobody watches any more (its lease expired, its machine left): the job goes back
 -- to its place while it has attempts left, else FAILED attempts_exhausted; a job whose cancel
--- was asked for ends CANCELLED. `ex`: the execution's exec_read. Returns what happened.
-local function lose_execution(eid, ex, reason)
-  if not ex[1] or ex[3] ~= 'RUNNING' then
-    redis.call('ZREM', K.leases, eid)
-    return 'cleaned'
-  end
-  local id, mid = ex[1], ex[2]
+-- was asked for ends CANCELLED. `rec`: the execution's record on machine `m`, which it leaves
+-- (in memory: the caller writes the machine). Returns what happened.
+local function lose_execution(mid, m, rec, reason)
+  local id, eid = rec[2], rec[1]
   local j = job_fields(id)
-  end_execution(eid, ex, 'LOST')
+  end_execution_later(m, rec, 'LOST')
   if j.status ~= 'PROCESSING' or j.execution_id ~= eid then return 'cleaned' end
   local attempts = j.attempts
   if j.cancel then
@@ -167,4 +164,9 @@ local function lose_execution(eid, ex, reason)
       { 'attempts', attempts, 'n' }, { 'reason', reason, 'w' }, { 'exec_status', 'LOST', 'w' } }))
     return 'failed'
   end
+end
+
+-- A report's machine, read once: its HMGET of MACHINE_FIELDS.
+local function report_machine(mid)
+  return redis.call('HMGET', key('machine:', mid), unpack(MACHINE_FIELDS))
 end

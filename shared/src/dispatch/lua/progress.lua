@@ -11,7 +11,7 @@ local node = str_arg(ARGV[6], 0, 256, 'node')
 if node == '' then node = nil end
 
 if not load_epoch() then return { 'restoring' } end
-local id, job, ex = fence(mid, eid, 'progress')
+local id, job = fence(mid, eid, report_machine(mid), 'progress')
 if not id then return { job } end
 local p = json_obj({ { 'value', value, 'n' }, { 'max', max, 'n' }, { 'node', node, 's' } })
 redis.call('HSET', key('job:', id), 'progress', p)

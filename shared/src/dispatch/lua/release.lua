@@ -9,9 +9,10 @@ local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 
 if not load_epoch() then return { 'restoring' } end
-local id, job, ex = fence(mid, eid, 'release')
+local m = report_machine(mid)
+local id, job, rec = fence(mid, eid, m, 'release')
 if not id then return { job } end
-end_execution(eid, ex, 'CANCELLED')
+end_execution(mid, m, rec, 'CANCELLED')
 local data = json_obj({ { 'attempts', job.attempts, 'n' }, { 'reason', 'released', 'w' },
   { 'exec_status', 'CANCELLED', 'w' } })
 if job.cancel then

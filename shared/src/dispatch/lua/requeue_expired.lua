@@ -1,20 +1,22 @@
 -- requeue_expired (the reaper; control plane): executions whose lease ran out go back to their
 -- queue (or FAILED attempts_exhausted); executions past their hard deadline fail with timeout.
--- Both are due in one sorted set (`leases` holds each execution's next deadline: the lease's, or
--- the hard one when that comes first); the execution's deadline_ms tells them apart.
--- One script, so two reapers at once cannot handle an execution twice.
+-- `leases` holds one entry per machine that runs something, scored with a lower bound of when
+-- its first execution is due (see lease_lower); each record's until_ms and deadline_ms tell
+-- what is due and why. A machine found with nothing due gets its entry moved to the true
+-- minimum (or removed): counted as cleaned.
+-- One function, so two reapers at once cannot handle an execution twice.
 -- KEYS: config, leases, queued, events, heads
--- ARGV: prefix, limit, now_ms ('' = Redis TIME; a value is for tests and tools)
+-- ARGV: prefix, limit (machines), now_ms ('' = Redis TIME; a value is for tests and tools)
 -- Reply: {requeued, failed, timed_out, cancelled, cleaned}
 K = bind_keys({ 'config', 'leases', 'queued', 'events', 'heads' })
 int_arg(ARGV[2], 1, 10000, 'limit')
 if ARGV[3] ~= '' then NOW = int_arg(ARGV[3], 0, 1e15, 'now_ms') end
 
 -- Runs past its hard deadline: FAILED timeout, whatever attempts are left (DESIGN.md).
-local function time_out_execution(eid, ex)
-  local id, mid = ex[1], ex[2]
+local function time_out_execution(mid, m, rec)
+  local id, eid = rec[2], rec[1]
   local j = job_fields(id)
-  end_execution(eid, ex, 'FAILED')
+  end_execution_later(m, rec, 'FAILED')
   if j.status ~= 'PROCESSING' or j.execution_id ~= eid then return 'cleaned' end
   local message = 'the job ran longer than its timeout of ' .. (j.timeout_ms or '?') .. ' ms'
   local err = json_obj({ { 'code', 'timeout', 'w' }, { 'message', message, 's' } })
@@ -29,15 +31,34 @@ load_epoch()
 local now = now_ms()
 local now_s = now_text()
 local counts = { requeued = 0, failed = 0, timed_out = 0, cancelled = 0, cleaned = 0 }
-for _, eid in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', now_s, 'LIMIT', 0, ARGV[2])) do
-  local ex = exec_read(eid)
-  local r
-  -- Past both deadlines is a timeout, not a lost execution.
-  if ex[1] and ex[3] == 'RUNNING' and now >= (tonumber(ex[5]) or math.huge) then
-    r = time_out_execution(eid, ex)
+for _, mid in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', now_s, 'LIMIT', 0, ARGV[2])) do
+  local m = report_machine(mid)
+  if not m[1] then
+    -- (The machine's hash is gone, and its records with it.)
+    redis.call('ZREM', K.leases, mid)
+    counts.cleaned = counts.cleaned + 1
   else
-    r = lose_execution(eid, ex, 'lease_expired')
+    local handled = 0
+    for _, rec in ipairs(records(m[4])) do
+      if tonumber(rec[7]) <= now then
+        local r
+        -- Past both deadlines is a timeout, not a lost execution.
+        if now >= tonumber(rec[6]) then
+          r = time_out_execution(mid, m, rec)
+        else
+          r = lose_execution(mid, m, rec, 'lease_expired')
+        end
+        counts[r] = counts[r] + 1
+        handled = handled + 1
+      end
+    end
+    if handled == 0 then counts.cleaned = counts.cleaned + 1 end
+    local lease = lease_exact(mid, m[6], records(m[4]))
+    if handled > 0 then
+      refresh_machine(mid, m, m[4], m[5], lease)
+    elseif lease then
+      redis.call('HSET', key('machine:', mid), 'lease', lease)
+    end
   end
-  counts[r] = counts[r] + 1
 end
 return { counts.requeued, counts.failed, counts.timed_out, counts.cancelled, counts.cleaned }
