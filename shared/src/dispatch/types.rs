@@ -16,7 +16,8 @@ pub struct DispatchConfig {
     pub max_queue_size: u64,
     /// How long a claim or heartbeat keeps an execution alive (default 60 s = 3 heartbeats).
     pub lease_ms: u64,
-    /// How long finished jobs and ended executions stay in Redis (default 1 h).
+    /// How long finished jobs stay in Redis once Postgres has them, and execution keys after
+    /// their deadline (default 1 h).
     pub finished_ttl_ms: u64,
 }
 
