@@ -1759,3 +1759,50 @@ async fn a_finished_job_keeps_its_hash_until_it_is_persisted() {
     assert!(pttl(&mut c).await < ttl);
     c.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_reaper_takes_what_is_due_and_leaves_the_rest_of_a_machine_running() {
+    let mut c = ctx_with(DispatchConfig {
+        lease_ms: 1_000,
+        ..DispatchConfig::default()
+    })
+    .await;
+    let cls = classes(&[1]);
+    let (kept_job, lost_job) = (
+        new_job(Uuid::now_v7(), &cls[0]),
+        new_job(Uuid::now_v7(), &cls[0]),
+    );
+    c.enqueue_ok(&kept_job).await;
+    c.enqueue_ok(&lost_job).await;
+    let m = c.machine(2).await;
+    let kept = c.claim_one(m, &cls).await;
+    let lost = c.claim_one(m, &cls).await;
+    // The agent reports only `kept` (it lost track of `lost`): only `kept`'s lease moves on.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let beat_at = c.redis_now_ms().await;
+    c.beat(m, &[kept.execution_id]).await;
+    let due = lease_score(&mut c, m).await.unwrap();
+    assert_eq!(due, lost.started_ms + 1_000, "`lost` is due first");
+
+    let r =
+        c.d.requeue_expired_at(&mut c.con, 100, lost.started_ms + 1_001)
+            .await
+            .unwrap();
+    assert_eq!((r.requeued, r.cleaned), (1, 0), "{r:?}");
+    assert_eq!(c.status(lost.job_id).await, JobStatus::Queued);
+    assert_eq!(c.status(kept.job_id).await, JobStatus::Processing);
+    let ms = c.d.machine(&mut c.con, &m).await.unwrap().unwrap();
+    assert_eq!(ms.running, vec![kept.execution_id]);
+    assert_eq!(ms.status, MachineStatus::Available);
+    // The entry now follows `kept`, extended by the heartbeat.
+    let score = lease_score(&mut c, m).await.unwrap();
+    assert!(score >= beat_at + 1_000, "{score} vs {beat_at}");
+    // `kept` still completes normally.
+    assert_eq!(
+        c.d.complete(&mut c.con, &m, &kept.execution_id, "[]")
+            .await
+            .unwrap(),
+        Fenced::Accepted(())
+    );
+    c.cleanup().await;
+}
