@@ -385,7 +385,7 @@ end
 local function records(execs)
   local out = {}
   for r in string.gmatch(execs or '', '[^ ]+') do
-    out[#out + 1] = { string.match(r, RECORD_PATTERN) }
+    out[#out + 1] = record_parse(r, 1)
   end
   return out
 end

@@ -21,7 +21,7 @@ if m[6] and m[6] ~= '' then
   f[#f + 1] = 'lease'; f[#f + 1] = ''
 end
 redis.call('ZREM', K.machines, mid)
-if old ~= 'OFFLINE' and old ~= 'TERMINATED' then
+if not machine_gone(old) then
   f[#f + 1] = 'status'; f[#f + 1] = 'OFFLINE'
   redis.call('HSET', mk, unpack(f))
   redis.call('PEXPIRE', mk, OFFLINE_MACHINE_TTL_MS)

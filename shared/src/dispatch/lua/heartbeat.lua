@@ -15,7 +15,7 @@ for i = 5, #ARGV do uuid_arg(ARGV[i], 'running') end
 
 if not load_epoch() then return { 'restoring' } end
 local m = redis.call('HMGET', mk, 'status', 'drain', 'max_slots', 'execs', 'lease')
-if not m[1] or m[1] == 'OFFLINE' or m[1] == 'TERMINATED' then return { 'unknown_machine' } end
+if not m[1] or machine_gone(m[1]) then return { 'unknown_machine' } end
 local now = now_text()
 
 -- Only executions both sides agree on get their lease extended (up to their hard deadline): one

@@ -21,7 +21,7 @@ if action == 'drain' or action == 'undrain' then
   else
     redis.call('HDEL', mk, 'drain')
   end
-  if old == 'OFFLINE' or old == 'TERMINATED' then return { 'ok', old } end
+  if machine_gone(old) then return { 'ok', old } end
   return { 'ok', set_machine_status(mid, old, machine_status_for(action == 'drain' and '1' or nil,
     old ~= 'STARTING', execs_count(m[3]), tonumber(m[2]) or 1), action) }
 end

@@ -38,9 +38,11 @@ for _, mid in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', now_s, 'LIMIT
     redis.call('ZREM', K.leases, mid)
     counts.cleaned = counts.cleaned + 1
   else
-    local handled = 0
+    local handled, running = 0, {}
     for _, rec in ipairs(records(m[4])) do
-      if tonumber(rec[7]) <= now then
+      if tonumber(rec[7]) > now then
+        running[#running + 1] = rec
+      else
         local r
         -- Past both deadlines is a timeout, not a lost execution.
         if now >= tonumber(rec[6]) then
@@ -53,7 +55,7 @@ for _, mid in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', now_s, 'LIMIT
       end
     end
     if handled == 0 then counts.cleaned = counts.cleaned + 1 end
-    local lease = lease_exact(mid, m[6], records(m[4]))
+    local lease = lease_exact(mid, m[6], running)
     if handled > 0 then
       refresh_machine(mid, m, m[4], m[5], lease)
     elseif lease then

@@ -16,7 +16,7 @@ for _, mid in ipairs(redis.call('ZRANGEBYSCORE', K.machines, '-inf', int(now_ms(
   redis.call('ZREM', K.machines, mid)
   local mk = key('machine:', mid)
   local old = redis.call('HGET', mk, 'status')
-  if old and old ~= 'OFFLINE' and old ~= 'TERMINATED' then
+  if old and not machine_gone(old) then
     redis.call('HSET', mk, 'status', 'OFFLINE')
     redis.call('PEXPIRE', mk, OFFLINE_MACHINE_TTL_MS)
     emit('machine.status', nil, nil, mid, json_obj({ { 'status', 'OFFLINE', 'w' },
