@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use emp_control_plane::db::jobs::{self, NewJob, WorkflowSource};
+use emp_control_plane::db::jobs::{self, Job, NewJob, WorkflowSource};
 use emp_control_plane::db::{executions, machines, system_config};
 use emp_control_plane::dispatch::persister::{Persister, PersisterConfig, apply_batch};
 use emp_control_plane::dispatch::reconciler::Reconciler;
@@ -96,6 +96,14 @@ impl Fixture {
             webhook_url: None,
             webhook_events: vec![],
         }
+    }
+
+    /// A job of `user` at priority 10, submitted through the dispatcher.
+    async fn submit(&self, user: Uuid) -> Job {
+        self.dispatcher
+            .submit(&Self::new_job(user, 10))
+            .await
+            .unwrap()
     }
 
     fn class() -> String {
@@ -209,11 +217,7 @@ impl Fixture {
 async fn a_job_runs_to_completed_and_every_row_follows(db: PgPool) {
     let mut fx = Fixture::new(db, SHARED_REDIS).await;
     let user = fx.user().await;
-    let job = fx
-        .dispatcher
-        .submit(&Fixture::new_job(user, 10))
-        .await
-        .unwrap();
+    let job = fx.submit(user).await;
     assert_eq!(job.status, JobStatus::Queued);
     assert_eq!(fx.dispatch.queued_count(&mut fx.redis).await.unwrap(), 1);
 
@@ -267,10 +271,7 @@ async fn replaying_a_batch_writes_nothing_twice(db: PgPool) {
     let user = fx.user().await;
     let machine = fx.machine("box-1").await;
     for _ in 0..5 {
-        fx.dispatcher
-            .submit(&Fixture::new_job(user, 10))
-            .await
-            .unwrap();
+        fx.submit(user).await;
     }
     while let Some((_, execution)) = fx.claim(machine).await {
         fx.dispatch
@@ -305,10 +306,7 @@ async fn a_persister_killed_between_write_and_ack_duplicates_nothing(db: PgPool)
     let mut fx = Fixture::new(db, SHARED_REDIS).await;
     let user = fx.user().await;
     let machine = fx.machine("box-1").await;
-    fx.dispatcher
-        .submit(&Fixture::new_job(user, 10))
-        .await
-        .unwrap();
+    fx.submit(user).await;
     let (_, execution) = fx.claim(machine).await.unwrap();
     fx.dispatch
         .complete(&mut fx.redis, &machine, &execution, "{}")
@@ -357,11 +355,7 @@ async fn a_persister_killed_between_write_and_ack_duplicates_nothing(db: PgPool)
 async fn a_crashed_replicas_entries_are_taken_over(db: PgPool) {
     let mut fx = Fixture::new(db, SHARED_REDIS).await;
     let user = fx.user().await;
-    let job = fx
-        .dispatcher
-        .submit(&Fixture::new_job(user, 10))
-        .await
-        .unwrap();
+    let job = fx.submit(user).await;
     let machine = fx.machine("box-1").await;
     fx.claim(machine).await.unwrap();
     let stream = fx.dispatch.events();
@@ -391,10 +385,7 @@ async fn two_persisters_at_once_persist_each_event_once(db: PgPool) {
     let mut a = fx.persister("a").await;
     let mut b = fx.persister("b").await;
     for _ in 0..40 {
-        fx.dispatcher
-            .submit(&Fixture::new_job(user, 10))
-            .await
-            .unwrap();
+        fx.submit(user).await;
     }
     let mut claimed = 0;
     while let Some((_, execution)) = fx.claim(machine).await {
@@ -452,11 +443,7 @@ async fn two_persisters_at_once_persist_each_event_once(db: PgPool) {
 async fn lease_expiry_requeues_then_fails_attempts_exhausted(db: PgPool) {
     let mut fx = Fixture::new(db, SHARED_REDIS).await;
     let user = fx.user().await;
-    let job = fx
-        .dispatcher
-        .submit(&Fixture::new_job(user, 10))
-        .await
-        .unwrap(); // max_attempts 2
+    let job = fx.submit(user).await; // max_attempts 2
     let machine = fx.machine("box-1").await;
     let mut persister = fx.persister("p").await;
     let far_future = || u64::try_from(Utc::now().timestamp_millis()).unwrap() + 120_000;
@@ -534,10 +521,7 @@ async fn two_reapers_at_once_requeue_each_execution_once(db: PgPool) {
         .await
         .unwrap();
     for _ in 0..4 {
-        fx.dispatcher
-            .submit(&Fixture::new_job(user, 10))
-            .await
-            .unwrap();
+        fx.submit(user).await;
     }
     for _ in 0..4 {
         fx.claim(machine).await.unwrap();
@@ -564,11 +548,7 @@ async fn two_reapers_at_once_requeue_each_execution_once(db: PgPool) {
 async fn cancel_of_queued_running_and_finished_jobs(db: PgPool) {
     let mut fx = Fixture::new(db, SHARED_REDIS).await;
     let user = fx.user().await;
-    let queued = fx
-        .dispatcher
-        .submit(&Fixture::new_job(user, 10))
-        .await
-        .unwrap();
+    let queued = fx.submit(user).await;
     let Cancelled::Now(cancelled) = fx.dispatcher.cancel(&queued).await.unwrap() else {
         panic!("queued → at once")
     };
@@ -580,11 +560,7 @@ async fn cancel_of_queued_running_and_finished_jobs(db: PgPool) {
         Err(DispatchFailure::Finished(JobStatus::Cancelled))
     ));
 
-    let running = fx
-        .dispatcher
-        .submit(&Fixture::new_job(user, 10))
-        .await
-        .unwrap();
+    let running = fx.submit(user).await;
     let machine = fx.machine("box-1").await;
     let (_, execution) = fx.claim(machine).await.unwrap();
     let mut persister = fx.persister("p").await;
@@ -629,14 +605,8 @@ async fn a_full_queue_refuses_and_writes_nothing(db: PgPool) {
         .await
         .unwrap();
     let user = fx.user().await;
-    fx.dispatcher
-        .submit(&Fixture::new_job(user, 10))
-        .await
-        .unwrap();
-    fx.dispatcher
-        .submit(&Fixture::new_job(user, 10))
-        .await
-        .unwrap();
+    fx.submit(user).await;
+    fx.submit(user).await;
     let refused = Fixture::new_job(user, 10);
     let error = fx.dispatcher.submit(&refused).await.unwrap_err();
     assert!(
@@ -680,13 +650,7 @@ async fn after_flushall_the_reconciler_restores_every_job_once(db: PgPool) {
         .unwrap();
     let mut ids = Vec::new();
     for _ in 0..10 {
-        ids.push(
-            fx.dispatcher
-                .submit(&Fixture::new_job(user, 10))
-                .await
-                .unwrap()
-                .id,
-        );
+        ids.push(fx.submit(user).await.id);
     }
     let machine = fx.machine("box-1").await;
     let (_, lost_execution) = fx.claim(machine).await.unwrap(); // one runs when Redis is lost
@@ -786,10 +750,7 @@ async fn postgres_down_while_events_flow_loses_nothing() {
     let machine = fx.machine("box-1").await;
     let mut persister = fx.persister("p").await;
     for _ in 0..5 {
-        fx.dispatcher
-            .submit(&Fixture::new_job(user, 10))
-            .await
-            .unwrap();
+        fx.submit(user).await;
     }
     fx.drain(&mut persister).await;
 
@@ -839,11 +800,7 @@ async fn an_end_persisted_before_its_claim_still_wins(db: PgPool) {
     // land before the batch with its claim.
     let mut fx = Fixture::new(db, SHARED_REDIS).await;
     let user = fx.user().await;
-    let job = fx
-        .dispatcher
-        .submit(&Fixture::new_job(user, 10))
-        .await
-        .unwrap();
+    let job = fx.submit(user).await;
     let machine = fx.machine("box-1").await;
     let (_, execution) = fx.claim(machine).await.unwrap();
     fx.dispatch
@@ -988,16 +945,8 @@ async fn assert_completed_then_claimed(
 async fn an_entry_with_a_completion_and_the_next_claim_persists_both(db: PgPool) {
     let mut fx = Fixture::new(db, SHARED_REDIS).await;
     let user = fx.user().await;
-    let first = fx
-        .dispatcher
-        .submit(&Fixture::new_job(user, 10))
-        .await
-        .unwrap();
-    let next = fx
-        .dispatcher
-        .submit(&Fixture::new_job(user, 10))
-        .await
-        .unwrap();
+    let first = fx.submit(user).await;
+    let next = fx.submit(user).await;
     let machine = fx.machine("box-1").await;
     let (job_a, exec_a) = fx.claim(machine).await.unwrap();
     assert_eq!(job_a, first.id);
@@ -1052,10 +1001,7 @@ async fn an_entry_with_a_completion_and_the_next_claim_persists_both(db: PgPool)
 async fn a_two_event_entry_redelivered_after_a_crash_duplicates_nothing(db: PgPool) {
     let mut fx = Fixture::new(db, SHARED_REDIS).await;
     let user = fx.user().await;
-    fx.dispatcher
-        .submit(&Fixture::new_job(user, 10))
-        .await
-        .unwrap();
+    fx.submit(user).await;
     // The next job wants its claim as a webhook: the delivery is keyed by the event id.
     let mut wanted = Fixture::new_job(user, 10);
     wanted.webhook_url = Some("https://hooks.example.com/emp".into());
@@ -1119,11 +1065,7 @@ async fn the_second_event_of_an_entry_is_applied_after_the_first(db: PgPool) {
     // claimed again. Applied the other way round, the job would end QUEUED.
     let mut fx = Fixture::new(db, SHARED_REDIS).await;
     let user = fx.user().await;
-    let job = fx
-        .dispatcher
-        .submit(&Fixture::new_job(user, 10))
-        .await
-        .unwrap();
+    let job = fx.submit(user).await;
     let machine = fx.machine("box-1").await;
     let (_, lost) = fx.claim(machine).await.unwrap();
     let retry = Uuid::now_v7();
