@@ -213,6 +213,15 @@ impl Fixture {
     }
 }
 
+/// A key's PTTL: -1 without an expiry.
+async fn pttl(redis: &mut ConnectionManager, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(redis)
+        .await
+        .unwrap()
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn a_job_runs_to_completed_and_every_row_follows(db: PgPool) {
     let mut fx = Fixture::new(db, SHARED_REDIS).await;
@@ -237,19 +246,12 @@ async fn a_job_runs_to_completed_and_every_row_follows(db: PgPool) {
     assert!(done.is_accepted());
     // Redis keeps the finished job, with no expiry, until Postgres has it…
     let job_key = fx.dispatch.keys().job(&job.id);
-    let pttl = |mut con: ConnectionManager, key: String| async move {
-        redis::cmd("PTTL")
-            .arg(key)
-            .query_async::<i64>(&mut con)
-            .await
-            .unwrap()
-    };
-    assert_eq!(pttl(fx.redis.clone(), job_key.clone()).await, -1);
+    assert_eq!(pttl(&mut fx.redis, &job_key).await, -1);
 
     let mut persister = fx.persister("p1").await;
     assert!(fx.drain(&mut persister).await > 0);
     // …then it expires after finished_ttl.
-    assert!(pttl(fx.redis.clone(), job_key).await > 0);
+    assert!(pttl(&mut fx.redis, &job_key).await > 0);
 
     let stored = jobs::find_by_id(&fx.db, job.id).await.unwrap();
     assert_eq!(stored.status, JobStatus::Completed);

@@ -1529,6 +1529,15 @@ async fn lease_score(c: &mut Ctx, mid: Uuid) -> Option<u64> {
         .unwrap()
 }
 
+/// A key's PTTL: -1 without an expiry.
+async fn pttl(c: &mut Ctx, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut c.con)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_machine_running_job_after_job_has_one_lease_entry_that_the_reaper_keeps_honest() {
     let mut c = ctx_with(DispatchConfig {
@@ -1733,22 +1742,15 @@ async fn a_finished_job_keeps_its_hash_until_it_is_persisted() {
         .await
         .unwrap();
     let key = c.d.keys().job(&job.job_id);
-    let pttl = |c: &mut Ctx| {
-        let key = key.clone();
-        let mut con = c.con.clone();
-        async move {
-            redis::cmd("PTTL")
-                .arg(key)
-                .query_async::<i64>(&mut con)
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(pttl(&mut c).await, -1, "no expiry before Postgres has it");
+    assert_eq!(
+        pttl(&mut c, &key).await,
+        -1,
+        "no expiry before Postgres has it"
+    );
     c.d.expire_finished(&mut c.con, &[job.job_id])
         .await
         .unwrap();
-    let ttl = pttl(&mut c).await;
+    let ttl = pttl(&mut c, &key).await;
     let finished_ttl = i64::try_from(DispatchConfig::default().finished_ttl_ms).unwrap();
     assert!(ttl > finished_ttl - 10_000 && ttl <= finished_ttl, "{ttl}");
     // A second call (a batch read again) does not push the expiry back.
@@ -1756,7 +1758,7 @@ async fn a_finished_job_keeps_its_hash_until_it_is_persisted() {
     c.d.expire_finished(&mut c.con, &[job.job_id])
         .await
         .unwrap();
-    assert!(pttl(&mut c).await < ttl);
+    assert!(pttl(&mut c, &key).await < ttl);
     c.cleanup().await;
 }
 
