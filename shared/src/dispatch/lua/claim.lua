@@ -7,15 +7,15 @@
 --         user_id, started_ms, deadline_ms, payload}
 --      | {'empty'} | {'again'} (parked max_parks heads; call again) | {'at_capacity'}
 --      | {'draining'} | {'unknown_machine'} | {'restoring'}
-K = bind_keys({ 'config', 'leases', 'queued', 'events', 'heads' })
+K = bind_keys(KEYS_AGENT)
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 local max_parks = int_arg(ARGV[4], 1, 10000, 'max_parks')
-want_key(6, 'machine:' .. mid)
+want_key(6, 'machine:', mid)
 local direct = claim_classes(5)
 
 if not load_epoch() then return { 'restoring' } end
-local m = redis.call('HMGET', KEYS[6], unpack(MACHINE_FIELDS))
+local m = call('HMGET', KEYS[6], unpack(MACHINE_FIELDS))
 if not m[1] or machine_gone(m[1]) then return { 'unknown_machine' } end
 local again = claim_again(mid, eid, m[4])
 if again then return again end

@@ -30,9 +30,120 @@ end
 local function claim_again(mid, eid, execs)
   local r = record_find(execs, eid)
   if not r then return nil end
-  local j = redis.call('HMGET', key('job:', r[2]), 'max_attempts', 'class', 'priority',
+  local j = call('HMGET', key('job:', r[2]), 'max_attempts', 'class', 'priority',
     'timeout_ms', 'payload')
   return { 'claimed', r[2], eid, r[4], j[1], j[2], j[3], j[4], r[3], r[5], r[6], j[5] or '' }
+end
+
+-- The search state of one claim (a table, not closures over locals: a closure and each local it
+-- captures are built again on every call).
+--   view[c]: what the claim knows of class c's queue: {id1, score1, id2, score2, ..., whole =
+--     true when that is all the queue holds}. The index walk reads two entries (fetch = 2), so
+--     taking the head still leaves the new head known (and its bound exact) without another read.
+--   pop: one class, read directly: ZPOPMIN reads and takes its head in one command. Whatever it
+--     pops is claimed, parked or dropped, like a head read with ZRANGE and then removed.
+--   batches, walked_all, seen, seen_order, want: the index walk's (best_indexed).
+local function head_of(s, c)
+  local view = s.view
+  local v = view[c]
+  if not v or (v[1] == nil and not v.whole) then
+    local r
+    if s.pop then
+      r = call('ZPOPMIN', key('q:', c))
+    else
+      r = call('ZRANGE', key('q:', c), 0, s.fetch - 1, 'WITHSCORES')
+    end
+    v = { whole = #r < 2 * s.fetch }
+    for i = 1, #r, 2 do
+      v[#v + 1] = r[i]
+      v[#v + 1] = tonumber(r[i + 1])
+    end
+    view[c] = v
+  end
+  return v[1], v[2]
+end
+
+local function drop_head(s, c)
+  local v = s.view[c]
+  tremove(v, 1)
+  tremove(v, 1)
+end
+
+-- The best head among the classes ARGV[first..], each queue read directly.
+local function best_direct(s)
+  local bc, bid, bs
+  for i = s.first, #ARGV do
+    local id, sc = head_of(s, ARGV[i])
+    if id and (not bs or sc < bs) then bc, bid, bs = ARGV[i], id, sc end
+  end
+  return bc, bid, bs
+end
+
+-- The best head found walking the heads index. The index as read so far: batches of class ids
+-- as ZRANGE returned them, each twice as long as the one before, walked in place. Only the
+-- machine's own classes get their bound read (ZSCORE): scores for every entry (WITHSCORES) would
+-- make Redis format a double per entry, about 1 µs each, and another class costs one table
+-- lookup, which is what a walk past many classes the machine cannot run is made of (they pile up
+-- at the front when nothing else claims them).
+local function best_indexed(s)
+  local want = s.want
+  if not want then
+    want = {}
+    for i = s.first, #ARGV do want[ARGV[i]] = true end
+    s.want, s.batches, s.walked_all, s.seen, s.seen_order = want, {}, false, {}, {}
+  end
+  local batches, seen, seen_order = s.batches, s.seen, s.seen_order
+  local bc, bid, bs
+  local b, read = 1, 0
+  while true do
+    local batch = batches[b]
+    if not batch then
+      if s.walked_all then break end
+      local n = read < 8 and 8 or read
+      batch = call('ZRANGE', K.heads, read, read + n - 1)
+      batches[b] = batch
+      if #batch < n then s.walked_all = true end
+      if #batch == 0 then break end
+    end
+    for k = 1, #batch do
+      local c = batch[k]
+      if want[c] then
+        local bound = seen[c] or tonumber(call('ZSCORE', K.heads, c))
+        -- Bounds only grow along the index: nothing further on can beat the best found.
+        if bs and bound >= bs then return bc, bid, bs end
+        if not seen[c] then
+          seen[c] = bound
+          seen_order[#seen_order + 1] = c
+        end
+        local id, sc = head_of(s, c)
+        if id and (not bs or sc < bs) then bc, bid, bs = c, id, sc end
+      end
+    end
+    read = read + #batch
+    b = b + 1
+  end
+  return bc, bid, bs
+end
+
+-- After an index walk: the index stayed as it was during the walk (ranks must not move); the
+-- bounds it found stale are tightened now.
+local function tighten_heads(s)
+  local seen = s.seen
+  if not seen then return end
+  for _, c in ipairs(s.seen_order) do
+    local v = s.view[c]
+    if v[1] then
+      if v[2] ~= seen[c] then call('ZADD', K.heads, int(v[2]), c) end
+    elseif v.whole then
+      call('ZREM', K.heads, c)
+    end
+  end
+end
+
+-- A claim's reply, once the bounds its walk found stale are tightened.
+local function claim_done(s, reply)
+  tighten_heads(s)
+  return reply
 end
 
 -- Claims the best head for machine `mid` (its HMGET of MACHINE_FIELDS in `m`, whose list and
@@ -48,143 +159,43 @@ local function claim_next(mid, eid, m, max_parks, first_class, direct, ended_cha
   if running >= max_slots then return { 'at_capacity' }, false end
   local cfg = config()
 
-  -- What this call knows of a class's queue: view[c] = {id1, score1, id2, score2, ...,
-  -- whole = true when that is all the queue holds}. The index walk reads two entries, so taking
-  -- the head still leaves the new head known (and its bound exact) without another read.
-  local FETCH = direct and 1 or 2
-  -- One class: ZPOPMIN reads and takes its head in one command. Whatever it pops is claimed,
-  -- parked or dropped below, like a head read with ZRANGE and then removed.
-  local pop = direct and #ARGV == first_class
-  local view = {}
-  local function head_of(c)
-    local v = view[c]
-    if not v or (v[1] == nil and not v.whole) then
-      local r
-      if pop then
-        r = redis.call('ZPOPMIN', key('q:', c))
-      else
-        r = redis.call('ZRANGE', key('q:', c), 0, FETCH - 1, 'WITHSCORES')
-      end
-      v = { whole = #r < 2 * FETCH }
-      for i = 1, #r, 2 do
-        v[#v + 1] = r[i]
-        v[#v + 1] = tonumber(r[i + 1])
-      end
-      view[c] = v
-    end
-    return v[1], v[2]
-  end
-  local function drop_head(c)
-    local v = view[c]
-    table.remove(v, 1)
-    table.remove(v, 1)
-  end
-
-  local function best_direct()
-    local bc, bid, bs
-    for i = first_class, #ARGV do
-      local id, s = head_of(ARGV[i])
-      if id and (not bs or s < bs) then bc, bid, bs = ARGV[i], id, s end
-    end
-    return bc, bid, bs
-  end
-
-  local want = nil
-  -- The index as read so far: batches of class ids as ZRANGE returned them, each twice as long as
-  -- the one before, walked in place. Only the machine's own classes get their bound read (ZSCORE):
-  -- scores for every entry (WITHSCORES) would make Redis format a double per entry, about 1 µs
-  -- each, and another class costs one table lookup, which is what a walk past many classes the
-  -- machine cannot run is made of (they pile up at the front when nothing else claims them).
-  local batches, walked_all = {}, false
-  local seen, seen_order = {}, {} -- class → its bound in the index, for the classes looked at
-  local function best_indexed()
-    if not want then
-      want = {}
-      for i = first_class, #ARGV do want[ARGV[i]] = true end
-    end
-    local bc, bid, bs
-    local b, read = 1, 0
-    while true do
-      local batch = batches[b]
-      if not batch then
-        if walked_all then break end
-        local n = read < 8 and 8 or read
-        batch = redis.call('ZRANGE', K.heads, read, read + n - 1)
-        batches[b] = batch
-        if #batch < n then walked_all = true end
-        if #batch == 0 then break end
-      end
-      for k = 1, #batch do
-        local c = batch[k]
-        if want[c] then
-          local bound = seen[c] or tonumber(redis.call('ZSCORE', K.heads, c))
-          -- Bounds only grow along the index: nothing further on can beat the best found.
-          if bs and bound >= bs then return bc, bid, bs end
-          if not seen[c] then
-            seen[c] = bound
-            seen_order[#seen_order + 1] = c
-          end
-          local id, s = head_of(c)
-          if id and (not bs or s < bs) then bc, bid, bs = c, id, s end
-        end
-      end
-      read = read + #batch
-      b = b + 1
-    end
-    return bc, bid, bs
-  end
-
-  -- The index stays as it was during the walk (ranks must not move); bounds are tightened here.
-  local function tighten_heads()
-    for _, c in ipairs(seen_order) do
-      local v = view[c]
-      if v[1] then
-        if v[2] ~= seen[c] then redis.call('ZADD', K.heads, int(v[2]), c) end
-      elseif v.whole then
-        redis.call('ZREM', K.heads, c)
-      end
-    end
-  end
-
+  local s = { view = {}, first = first_class, fetch = direct and 1 or 2,
+    pop = direct and #ARGV == first_class }
   local best = direct and best_direct or best_indexed
-  local function done(reply)
-    if not direct then tighten_heads() end
-    return reply
-  end
 
   local parks = 0
   while true do
-    local c, id, score = best()
-    if not c then return done({ 'empty' }), false end
+    local c, id, score = best(s)
+    if not c then return claim_done(s, { 'empty' }), false end
     local jk = key('job:', id)
-    local j = redis.call('HMGET', jk, 'status', 'user_id', 'attempts', 'max_attempts', 'priority',
+    local j = call('HMGET', jk, 'status', 'user_id', 'attempts', 'max_attempts', 'priority',
       'timeout_ms', 'payload')
-    if not pop then redis.call('ZREM', key('q:', c), id) end
-    drop_head(c)
+    if not s.pop then call('ZREM', key('q:', c), id) end
+    drop_head(s, c)
     -- (A queue entry without a queued job behind it should not happen; it is dropped so it cannot
     -- block the queue.)
     if j[1] == 'QUEUED' then
       local uid = j[2]
       local urk = key('user:', uid, ':running')
-      if redis.call('INCR', urk) % HELD_UNIT <= cfg.per_user then
+      if call('INCR', urk) % HELD_UNIT <= cfg.per_user then
         -- Take it. Every number is formatted once, then passed on as text.
         local attempts = int((tonumber(j[3]) or 0) + 1)
         local timeout = tonumber(j[6])
         -- The execution's key, created only if its id was never used (SET NX): a retry of a lost
         -- claim was answered before (claim_again); any other reuse is refused here, with the job
         -- put back where it was and the user's count as it was.
-        if not redis.call('SET', key('exec:', eid), id .. ' ' .. mid .. ' ' .. uid, 'NX', 'PX',
+        if not call('SET', key('exec:', eid), id .. ' ' .. mid .. ' ' .. uid, 'NX', 'PX',
           int(timeout + cfg.finished_ttl)) then
-          redis.call('DECR', urk)
+          call('DECR', urk)
           local score_s = int(score)
-          redis.call('ZADD', key('q:', c), score_s, id)
-          redis.call('ZADD', K.heads, 'LT', score_s, c)
+          call('ZADD', key('q:', c), score_s, id)
+          call('ZADD', K.heads, 'LT', score_s, c)
           -- What the caller ended stays ended: its machine written, its event too.
           if ended_changed then refresh_machine(mid, m, m[4], m[5], nil) end
           flush_event()
           argerr('execution_id', 'already used')
         end
-        redis.call('DECR', K.queued)
+        call('DECR', K.queued)
         -- The event first: when the call has not read the time yet, its entry's time is the
         -- claim's (see xadd), so no TIME call.
         emit('job.claimed', id, eid, mid, '{"attempts":' .. attempts .. ',"user_id":"' .. uid
@@ -195,21 +206,21 @@ local function claim_next(mid, eid, m, max_parks, first_class, direct, ended_cha
         local due = now_ms() + cfg.lease_ms
         if deadline < due then due = deadline end
         local due_s = due == deadline and deadline_s or int(due)
-        redis.call('HSET', jk, 'status', 'PROCESSING', 'attempts', attempts, 'execution_id', eid,
+        call('HSET', jk, 'status', 'PROCESSING', 'attempts', attempts, 'execution_id', eid,
           'machine_id', mid, 'started_ms', now_s)
         local list = execs_add(execs, eid .. ',' .. id .. ',' .. uid .. ',' .. attempts .. ','
           .. now_s .. ',' .. deadline_s .. ',' .. due_s)
         write_machine(mid, m, list, machine_status_for(nil, true, running + 1, max_slots), nil,
           ended_changed and m[5] or nil, lease_lower(mid, m[6], due, due_s))
-        return done({ 'claimed', id, eid, attempts, j[4], c, j[5], j[6], uid, now_s, deadline_s,
-          j[7] or '' }), true
+        return claim_done(s, { 'claimed', id, eid, attempts, j[4], c, j[5], j[6], uid, now_s,
+          deadline_s, j[7] or '' }), true
       end
       -- The user is at their limit: park the job aside (same score) so it no longer blocks anyone;
       -- it comes back when one of the user's jobs ends. The INCR becomes one more held job.
-      redis.call('INCRBY', urk, HELD_UNIT - 1)
-      redis.call('ZADD', key('held:', uid), int(score), id)
+      call('INCRBY', urk, HELD_UNIT - 1)
+      call('ZADD', key('held:', uid), int(score), id)
     end
     parks = parks + 1
-    if parks >= max_parks then return done({ 'again' }), false end
+    if parks >= max_parks then return claim_done(s, { 'again' }), false end
   end
 end

@@ -34,48 +34,97 @@ local NOW, NOW_TEXT
 local EPOCH, CFG
 local HELD_EVENT
 local ON_EMITTED
+local MACHINE_ID, MACHINE_KEY -- the caller's machine and its key, once want_key checked it
+
+-- Standard functions as locals. Redis's Lua reaches every global through the __index of a
+-- protected table (several lookups per use); a local is one upvalue read. The library's load runs
+-- without them (only redis.register_function exists then), so the first call binds them.
+local call, find, match, sub, byte, gmatch, format, upper
+local concat, tinsert, tremove, json_decode, json_encode
+local tonumber, unpack, type, pcall, ipairs
+local function bind_standard_functions()
+  call = redis.call
+  find, match, sub, byte = string.find, string.match, string.sub, string.byte
+  gmatch, format, upper = string.gmatch, string.format, string.upper
+  concat, tinsert, tremove = table.concat, table.insert, table.remove
+  json_decode, json_encode = cjson.decode, cjson.encode
+  tonumber, unpack, type, pcall, ipairs = _G.tonumber, _G.unpack, _G.type, _G.pcall, _G.ipairs
+end
 
 local function argerr(field, reason)
   error({ err = 'EMPARG ' .. field .. ': ' .. reason })
 end
 
+-- The last prefix found well formed: the same prefix again is not matched again.
+local CHECKED_PREFIX
+
 -- The start of every call: its keys and arguments, the prefix checked, the state of the
 -- previous call gone.
 local function begin(keys, args)
+  if not call then bind_standard_functions() end
   KEYS, ARGV = keys, args
   P = args[1]
   K, NOW, NOW_TEXT, EPOCH, CFG, HELD_EVENT, ON_EMITTED = nil, nil, nil, nil, nil, nil, nil
-  if type(P) ~= 'string' or not string.match(P, '^{[%w_%.%-]+}:$') then
-    argerr('prefix', 'must look like {name}:')
-  end
-end
-
--- Declared keys, by name. `names` lists the fixed keys in KEYS order.
-local function bind_keys(names)
-  local k = {}
-  for i = 1, #names do
-    local name = names[i]
-    if KEYS[i] ~= P .. name then
-      argerr('keys', 'KEYS[' .. i .. '] must be ' .. P .. name)
+  MACHINE_ID, MACHINE_KEY = nil, nil
+  if P ~= CHECKED_PREFIX then
+    if type(P) ~= 'string' or not find(P, '^{[%w_%.%-]+}:$') then
+      argerr('prefix', 'must look like {name}:')
     end
-    k[name] = KEYS[i]
+    CHECKED_PREFIX = P
   end
-  return k
 end
 
-local function want_key(i, name)
-  if KEYS[i] ~= P .. name then
-    argerr('keys', 'KEYS[' .. i .. '] must be ' .. P .. name)
+-- Declared keys, by name. `names` is one of the constant lists below; its key names are built
+-- once per prefix and kept (bound[names]), so a call only compares its KEYS with them (Lua
+-- interns strings: equal strings are one object) instead of building every name again.
+local bound = {}
+local function bind_keys(names)
+  local b = bound[names]
+  if not b or b.prefix ~= P then
+    b = { prefix = P, want = {}, k = {} }
+    for i = 1, #names do
+      b.want[i] = P .. names[i]
+      b.k[names[i]] = b.want[i]
+    end
+    bound[names] = b
   end
-  return KEYS[i]
+  local want = b.want
+  for i = 1, #want do
+    if KEYS[i] ~= want[i] then
+      argerr('keys', 'KEYS[' .. i .. '] must be ' .. want[i])
+    end
+  end
+  return b.k
+end
+-- The fixed keys of each function, in KEYS order.
+local KEYS_AGENT = { 'config', 'leases', 'queued', 'events', 'heads' }
+local KEYS_CANCEL = { 'config', 'queued', 'events', 'heads' }
+local KEYS_DEREGISTER = { 'config', 'leases', 'queued', 'events', 'heads', 'machines' }
+local KEYS_ENQUEUE = { 'config', 'seq', 'queued', 'classes', 'classes:ver', 'events', 'heads',
+  'machines' }
+local KEYS_HEARTBEAT = { 'config', 'leases', 'machines', 'events', 'classes:ver' }
+local KEYS_CONFIG = { 'config' }
+local KEYS_MACHINES = { 'config', 'machines', 'events' }
+local KEYS_REGISTER = { 'config', 'machines', 'machine-ids', 'events', 'classes:ver' }
+
+-- A per-id key declared at KEYS[i], named by `kind` and `id` (want_key(6, 'machine:', mid)). The
+-- caller's machine key is kept for machine_key.
+local function want_key(i, kind, id)
+  local want = P .. kind .. id
+  if KEYS[i] ~= want then
+    argerr('keys', 'KEYS[' .. i .. '] must be ' .. want)
+  end
+  if kind == 'machine:' then MACHINE_ID, MACHINE_KEY = id, want end
+  return want
 end
 
--- Integer to decimal text (Lua's own conversion switches to an exponent at 1e14).
+-- Integer to decimal text. %d formats it without the floating-point printf path of Lua's own
+-- conversion (%.14g, which also switches to an exponent at 1e14).
 local function int(n)
-  if n < 1e14 and n > -1e14 then
-    return n .. ''
+  if n < 9007199254740992 and n > -9007199254740992 then
+    return format('%d', n)
   end
-  return string.format('%.0f', n)
+  return format('%.0f', n)
 end
 
 -- Redis time in ms, as a number (now_ms) and as text (now_text), from one TIME per script. The
@@ -86,10 +135,10 @@ local function now_text()
     if NOW then
       NOW_TEXT = int(NOW)
     else
-      local t = redis.call('TIME')
+      local t = call('TIME')
       local us = t[2]
-      local ms = #us > 3 and string.sub(us, 1, #us - 3) or ''
-      NOW_TEXT = t[1] .. string.sub('000', 1, 3 - #ms) .. ms
+      local ms = #us > 3 and sub(us, 1, #us - 3) or ''
+      NOW_TEXT = t[1] .. sub('000', 1, 3 - #ms) .. ms
       NOW = tonumber(NOW_TEXT)
     end
   end
@@ -108,14 +157,14 @@ local CLASS_PATTERN =
   '^[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]$'
 
 local function uuid_arg(s, field)
-  if type(s) ~= 'string' or not string.match(s, UUID_PATTERN) then
+  if type(s) ~= 'string' or not find(s, UUID_PATTERN) then
     argerr(field, 'must be a lowercase hyphenated UUID')
   end
   return s
 end
 
 local function class_arg(s, field)
-  if type(s) ~= 'string' or not string.match(s, CLASS_PATTERN) then
+  if type(s) ~= 'string' or not find(s, CLASS_PATTERN) then
     argerr(field, 'must be 32 lowercase hex characters')
   end
   return s
@@ -124,7 +173,7 @@ end
 -- A non-negative integer argument in canonical digits, so it can be stored and passed on as
 -- the text it came as. Returns the number.
 local function int_arg(s, lo, hi, field)
-  local n = type(s) == 'string' and string.find(s, '^%d+$') and tonumber(s)
+  local n = type(s) == 'string' and find(s, '^%d+$') and tonumber(s)
   if not n or n < lo or n > hi then
     argerr(field, 'must be an integer from ' .. int(lo) .. ' to ' .. int(hi))
   end
@@ -142,7 +191,7 @@ end
 -- here only proves they are JSON.
 local function json_arg(s, max_len, field)
   str_arg(s, 1, max_len, field)
-  if not pcall(cjson.decode, s) then
+  if not pcall(json_decode, s) then
     argerr(field, 'must be JSON')
   end
   return s
@@ -167,7 +216,7 @@ local function json_obj(fields)
       if kind == 'w' then
         text = '"' .. value .. '"'
       elseif kind == 's' then
-        text = cjson.encode(value)
+        text = json_encode(value)
       elseif kind == 'n' then
         text = int(value)
       else
@@ -176,7 +225,7 @@ local function json_obj(fields)
       parts[#parts + 1] = '"' .. key .. '":' .. text
     end
   end
-  return '{' .. table.concat(parts, ',') .. '}'
+  return '{' .. concat(parts, ',') .. '}'
 end
 
 -- Per-id keys (see the header): key('job:', id), key('user:', uid, ':running')... One helper
@@ -184,6 +233,12 @@ end
 local function key(kind, id, suffix)
   if suffix then return P .. kind .. id .. suffix end
   return P .. kind .. id
+end
+
+-- A machine's key: the caller's own, which want_key checked, is not built again.
+local function machine_key(mid)
+  if mid == MACHINE_ID then return MACHINE_KEY end
+  return P .. 'machine:' .. mid
 end
 
 -- A wake list only has to hold enough tokens to wake the claimers that are blocked right now
@@ -201,18 +256,26 @@ local OFFLINE_MACHINE_TTL_MS = 7 * 24 * 3600 * 1000
 -- answer `restoring` while it is missing. finished_ttl is how long an execution's key outlives its
 -- deadline (see exec_owner). A user's running count shares its counter with their held jobs (see
 -- HELD_UNIT), so per_user is capped well below it.
+-- The settings as last parsed, with the text they were parsed from: settings change rarely, so a
+-- call whose HMGET brings the same text (the same interned strings) takes them as they are.
+local cfg_parsed, cfg_text = nil, {}
 local function load_epoch()
-  local c = redis.call('HMGET', K.config, 'epoch', 'max_concurrent_jobs_per_user',
+  local c = call('HMGET', K.config, 'epoch', 'max_concurrent_jobs_per_user',
     'max_queue_size', 'lease_ms', 'finished_ttl_ms')
   EPOCH = c[1]
-  local per_user = tonumber(c[2]) or 10
-  if per_user > 100000 then per_user = 100000 end
-  CFG = {
-    per_user = per_user,
-    max_queue = tonumber(c[3]) or 1000,
-    lease_ms = tonumber(c[4]) or 60000,
-    finished_ttl = tonumber(c[5]) or 3600000,
-  }
+  local t = cfg_text
+  if not (cfg_parsed and c[2] == t[2] and c[3] == t[3] and c[4] == t[4] and c[5] == t[5]) then
+    local per_user = tonumber(c[2]) or 10
+    if per_user > 100000 then per_user = 100000 end
+    cfg_parsed = {
+      per_user = per_user,
+      max_queue = tonumber(c[3]) or 1000,
+      lease_ms = tonumber(c[4]) or 60000,
+      finished_ttl = tonumber(c[5]) or 3600000,
+    }
+    cfg_text = c
+  end
+  CFG = cfg_parsed
   return EPOCH
 end
 local function config()
@@ -241,29 +304,34 @@ local HELD_UNIT = 1048576
 -- `timed` false: never `ts` (enqueue, whose event time is always its entry's).
 local FIRST_EVENT = { 'type', 'job', 'exec', 'machine', 'data' }
 local SECOND_EVENT = { 'type2', 'job2', 'exec2', 'machine2', 'data2' }
--- Appends one event's fields to `f` under `names` (FIRST_EVENT or SECOND_EVENT).
-local function add_event(f, names, kind, job, exec, machine, data)
-  f[#f + 1] = names[1]; f[#f + 1] = kind
-  if job then f[#f + 1] = names[2]; f[#f + 1] = job end
-  if exec then f[#f + 1] = names[3]; f[#f + 1] = exec end
-  if machine then f[#f + 1] = names[4]; f[#f + 1] = machine end
-  if data and data ~= '{}' then f[#f + 1] = names[5]; f[#f + 1] = data end
+-- XADD's fields, built in this one table (reused, never emptied: each XADD passes its first n).
+local xadd_fields = {}
+-- Puts one event's fields in xadd_fields from n + 1 on, under `names` (FIRST_EVENT or
+-- SECOND_EVENT). Returns the new n.
+local function add_event(n, names, kind, job, exec, machine, data)
+  local f = xadd_fields
+  f[n + 1] = names[1]; f[n + 2] = kind; n = n + 2
+  if job then f[n + 1] = names[2]; f[n + 2] = job; n = n + 2 end
+  if exec then f[n + 1] = names[3]; f[n + 2] = exec; n = n + 2 end
+  if machine then f[n + 1] = names[4]; f[n + 2] = machine; n = n + 2 end
+  if data and data ~= '{}' then f[n + 1] = names[5]; f[n + 2] = data; n = n + 2 end
+  return n
 end
 local function xadd(timed, kind, job, exec, machine, data)
-  local f = {}
-  if timed and NOW then f[1] = 'ts'; f[2] = now_text() end
-  if EPOCH then f[#f + 1] = 'ep'; f[#f + 1] = EPOCH end
+  local f, n = xadd_fields, 0
+  if timed and NOW then f[1] = 'ts'; f[2] = now_text(); n = 2 end
+  if EPOCH then f[n + 1] = 'ep'; f[n + 2] = EPOCH; n = n + 2 end
   local first = HELD_EVENT
   if first then
     HELD_EVENT = nil
-    add_event(f, FIRST_EVENT, first[1], first[2], first[3], first[4], first[5])
-    add_event(f, SECOND_EVENT, kind, job, exec, machine, data)
+    n = add_event(n, FIRST_EVENT, first[1], first[2], first[3], first[4], first[5])
+    n = add_event(n, SECOND_EVENT, kind, job, exec, machine, data)
   else
-    add_event(f, FIRST_EVENT, kind, job, exec, machine, data)
+    n = add_event(n, FIRST_EVENT, kind, job, exec, machine, data)
   end
-  local id = redis.call('XADD', K.events, '*', unpack(f))
+  local id = call('XADD', K.events, '*', unpack(f, 1, n))
   if not NOW then
-    NOW_TEXT = string.match(id, '^%d+')
+    NOW_TEXT = match(id, '^%d+')
     NOW = tonumber(NOW_TEXT)
   end
   local after = ON_EMITTED
@@ -289,21 +357,22 @@ local function flush_event()
   end
 end
 
-local function wake(class)
-  local wk = key('wake:', class)
-  if redis.call('LPUSH', wk, '1') > 2 * WAKE_CAP then
-    redis.call('LTRIM', wk, 0, WAKE_CAP - 1)
+local function wake(class, wk)
+  wk = wk or key('wake:', class)
+  if call('LPUSH', wk, '1') > 2 * WAKE_CAP then
+    call('LTRIM', wk, 0, WAKE_CAP - 1)
   end
 end
 
 -- A QUEUED job into its class queue at `score`, with its wake token. The heads index keeps a
 -- lower bound of every non-empty queue's head (ZADD LT only ever lowers it, and adds the class
 -- when it is missing); removals never touch it, claims that walk the index tighten it. Returns
--- whether the class was missing from the index (every class in it is a known one).
-local function place(class, id, score)
-  redis.call('ZADD', key('q:', class), score, id)
-  local added = redis.call('ZADD', K.heads, 'LT', score, class)
-  wake(class)
+-- whether the class was missing from the index (every class in it is a known one). `qk`, `wk`:
+-- the class's queue and wake keys when the caller has them already.
+local function place(class, id, score, qk, wk)
+  call('ZADD', qk or key('q:', class), score, id)
+  local added = call('ZADD', K.heads, 'LT', score, class)
+  wake(class, wk)
   return added == 1
 end
 
@@ -339,13 +408,15 @@ end
 local MACHINE_FIELDS = { 'status', 'max_slots', 'drain', 'execs', 'ended', 'lease' }
 local ENDED_KEEP = 4
 local RECORD_PATTERN = '^([^,]+),([^,]+),([^,]+),([^,]+),([^,]+),([^,]+),([^ ]+)'
+-- A record's job, user and attempts (its parts 2-4).
+local RECORD_HEAD_PATTERN = '^[^,]+,([^,]+),([^,]+),([^,]+)'
 
 local function execs_count(execs)
   if not execs or execs == '' then return 0 end
-  local n, at = 1, string.find(execs, ' ', 1, true)
+  local n, at = 1, find(execs, ' ', 1, true)
   while at do
     n = n + 1
-    at = string.find(execs, ' ', at + 1, true)
+    at = find(execs, ' ', at + 1, true)
   end
   return n
 end
@@ -355,9 +426,9 @@ local function record_at(execs, eid)
   if not execs or execs == '' then return nil end
   local from = 1
   while true do
-    local at = string.find(execs, eid, from, true)
+    local at = find(execs, eid, from, true)
     if not at then return nil end
-    if (at == 1 or string.byte(execs, at - 1) == 32) and string.byte(execs, at + 36) == 44 then
+    if (at == 1 or byte(execs, at - 1) == 32) and byte(execs, at + 36) == 44 then
       return at
     end
     from = at + 36
@@ -366,7 +437,7 @@ end
 
 -- A record as a table: { eid, job, user, attempts, started_ms, deadline_ms, until_ms } (text).
 local function record_parse(execs, at)
-  return { string.match(execs, RECORD_PATTERN, at) }
+  return { match(execs, RECORD_PATTERN, at) }
 end
 
 -- `eid`'s record on this list, or nil.
@@ -384,7 +455,7 @@ end
 -- Every record of the list, parsed.
 local function records(execs)
   local out = {}
-  for r in string.gmatch(execs or '', '[^ ]+') do
+  for r in gmatch(execs or '', '[^ ]+') do
     out[#out + 1] = record_parse(r, 1)
   end
   return out
@@ -393,7 +464,7 @@ end
 local function records_text(recs)
   local parts = {}
   for i = 1, #recs do parts[i] = record_text(recs[i]) end
-  return table.concat(parts, ' ')
+  return concat(parts, ' ')
 end
 
 local function execs_add(execs, record)
@@ -405,13 +476,13 @@ end
 local function execs_remove(execs, eid)
   local at = record_at(execs, eid)
   if not at then return execs or '' end
-  local stop = string.find(execs, ' ', at, true)
+  local stop = find(execs, ' ', at, true)
   if not stop then
     if at == 1 then return '' end
-    return string.sub(execs, 1, at - 2)
+    return sub(execs, 1, at - 2)
   end
-  if at == 1 then return string.sub(execs, stop + 1) end
-  return string.sub(execs, 1, at - 1) .. string.sub(execs, stop + 1)
+  if at == 1 then return sub(execs, stop + 1) end
+  return sub(execs, 1, at - 1) .. sub(execs, stop + 1)
 end
 
 -- `ended` with `eid` (ended with `status`) in front, cut to ENDED_KEEP entries.
@@ -421,18 +492,18 @@ local function ended_add(ended, eid, status)
   local s = e .. ' ' .. ended
   local at = 0
   for _ = 1, ENDED_KEEP do
-    at = string.find(s, ' ', at + 1, true)
+    at = find(s, ' ', at + 1, true)
     if not at then return s end
   end
-  return string.sub(s, 1, at - 1)
+  return sub(s, 1, at - 1)
 end
 
 -- How `eid` ended on this machine, if it is one of its last ENDED_KEEP.
 local function ended_status(ended, eid)
   if not ended or ended == '' then return nil end
-  local at = string.find(ended, eid .. ':', 1, true)
+  local at = find(ended, eid .. ':', 1, true)
   if not at then return nil end
-  return string.match(ended, '^[^:]+:(%u+)', at)
+  return match(ended, '^[^:]+:(%u+)', at)
 end
 
 -- The machine's entry in `leases` (member: its id) is a lower bound of its records' until_ms; the
@@ -444,7 +515,7 @@ end
 local function lease_lower(mid, lease, until_ms, until_text)
   local current = tonumber(lease)
   if current and current <= until_ms then return nil end
-  redis.call('ZADD', K.leases, until_text, mid)
+  call('ZADD', K.leases, until_text, mid)
   return until_text
 end
 
@@ -458,12 +529,12 @@ local function lease_exact(mid, lease, recs)
   end
   if not soonest then
     if not lease or lease == '' then return nil end
-    redis.call('ZREM', K.leases, mid)
+    call('ZREM', K.leases, mid)
     return ''
   end
   local text = int(soonest)
   if text == lease then return nil end
-  redis.call('ZADD', K.leases, text, mid)
+  call('ZADD', K.leases, text, mid)
   return text
 end
 
@@ -475,7 +546,7 @@ local function write_machine(mid, m, execs, new, reason, ended, lease)
   if new ~= m[1] then f[#f + 1] = 'status'; f[#f + 1] = new end
   if ended then f[#f + 1] = 'ended'; f[#f + 1] = ended; m[5] = ended end
   if lease then f[#f + 1] = 'lease'; f[#f + 1] = lease; m[6] = lease end
-  redis.call('HSET', key('machine:', mid), unpack(f))
+  call('HSET', machine_key(mid), unpack(f))
   local old = m[1]
   m[1], m[4] = new, execs
   if new ~= old then
@@ -504,7 +575,7 @@ end
 -- Writes a machine's new status, with its machine.status event, when it changed.
 local function set_machine_status(mid, old, new, reason)
   if new ~= old then
-    redis.call('HSET', key('machine:', mid), 'status', new)
+    call('HSET', machine_key(mid), 'status', new)
     emit('machine.status', nil, nil, mid, status_json(new, old, reason))
   end
   return new
@@ -516,7 +587,7 @@ end
 -- execution (refused) from a late one about the caller's own (stale), and names the job of an
 -- execution for the API.
 local function exec_owner(eid)
-  local v = redis.call('GET', key('exec:', eid))
+  local v = call('GET', key('exec:', eid))
   if not v then return nil, nil end
-  return string.sub(v, 1, 36), string.sub(v, 38, 73)
+  return sub(v, 1, 36), sub(v, 38, 73)
 end

@@ -3,7 +3,7 @@
 -- KEYS: config, leases, queued, events, heads
 -- ARGV: prefix, machine_id, execution_id, outputs_json
 -- Reply: {'ok'} | {'stale'} | {'not_owner'} | {'restoring'}
-K = bind_keys({ 'config', 'leases', 'queued', 'events', 'heads' })
+K = bind_keys(KEYS_AGENT)
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 local outputs = json_arg(ARGV[4], 1048576, 'outputs')

@@ -11,18 +11,18 @@
 -- except a next execution id used before, which is found only when the claim would create it:
 -- refused then, with the completion kept (a retry answers it ok).
 -- A retry after a lost reply gets both answers again.
-K = bind_keys({ 'config', 'leases', 'queued', 'events', 'heads' })
+K = bind_keys(KEYS_AGENT)
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 local outputs = json_arg(ARGV[4], 1048576, 'outputs')
 local next_eid = uuid_arg(ARGV[5], 'next_execution_id')
 if next_eid == eid then argerr('next_execution_id', 'must differ from execution_id') end
 local max_parks = int_arg(ARGV[6], 1, 10000, 'max_parks')
-want_key(6, 'machine:' .. mid)
+want_key(6, 'machine:', mid)
 local direct = claim_classes(7)
 
 if not load_epoch() then return { 'restoring' } end
-local m = redis.call('HMGET', KEYS[6], unpack(MACHINE_FIELDS))
+local m = call('HMGET', KEYS[6], unpack(MACHINE_FIELDS))
 local again = claim_again(mid, next_eid, m[4])
 
 -- complete.lua's work, in memory for the machine (written once, at the end or by the claim).
@@ -54,5 +54,5 @@ end
 -- The finished execution leaves the machine's list (a claim that took a job wrote it already).
 if freed and not wrote then refresh_machine(mid, m, m[4], m[5], nil) end
 flush_event()
-table.insert(claim, 1, done)
+tinsert(claim, 1, done)
 return claim

@@ -3,9 +3,9 @@
 -- KEYS: config, leases, queued, events, heads, machines, machine:<mid>
 -- ARGV: prefix, machine_id
 -- Reply: {'ok', n_lost} | {'unknown_machine'} | {'restoring'}
-K = bind_keys({ 'config', 'leases', 'queued', 'events', 'heads', 'machines' })
+K = bind_keys(KEYS_DEREGISTER)
 local mid = uuid_arg(ARGV[2], 'machine_id')
-local mk = want_key(7, 'machine:' .. mid)
+local mk = want_key(7, 'machine:', mid)
 
 if not load_epoch() then return { 'restoring' } end
 local m = report_machine(mid)
@@ -17,17 +17,17 @@ for _, rec in ipairs(records(m[4])) do
 end
 local f = { 'execs', '', 'ended', m[5] or '' }
 if m[6] and m[6] ~= '' then
-  redis.call('ZREM', K.leases, mid)
+  call('ZREM', K.leases, mid)
   f[#f + 1] = 'lease'; f[#f + 1] = ''
 end
-redis.call('ZREM', K.machines, mid)
+call('ZREM', K.machines, mid)
 if not machine_gone(old) then
   f[#f + 1] = 'status'; f[#f + 1] = 'OFFLINE'
-  redis.call('HSET', mk, unpack(f))
-  redis.call('PEXPIRE', mk, OFFLINE_MACHINE_TTL_MS)
+  call('HSET', mk, unpack(f))
+  call('PEXPIRE', mk, OFFLINE_MACHINE_TTL_MS)
   emit('machine.status', nil, nil, mid, json_obj({ { 'status', 'OFFLINE', 'w' },
     { 'previous', old, 'w' }, { 'reason', 'deregistered', 'w' } }))
 else
-  redis.call('HSET', mk, unpack(f))
+  call('HSET', mk, unpack(f))
 end
 return { 'ok', lost }

@@ -5,8 +5,7 @@
 -- ARGV: prefix, job_id, user_id, class, requirements_json, priority (0-100), max_attempts,
 --       timeout_ms, payload, check_queue_size (0|1)
 -- Reply: {'queued', seq, parked (0|1)} | {'exists', status} | {'queue_full', queued}
-K = bind_keys({ 'config', 'seq', 'queued', 'classes', 'classes:ver', 'events', 'heads',
-  'machines' })
+K = bind_keys(KEYS_ENQUEUE)
 local id = uuid_arg(ARGV[2], 'job_id')
 local uid = uuid_arg(ARGV[3], 'user_id')
 local class = class_arg(ARGV[4], 'class')
@@ -17,54 +16,54 @@ int_arg(ARGV[8], 1, 30 * 86400 * 1000, 'timeout_ms')
 local payload = ARGV[9]
 if type(payload) ~= 'string' then argerr('payload', 'missing') end
 local check = int_arg(ARGV[10], 0, 1, 'check_queue_size') == 1
-local jk = want_key(9, 'job:' .. id)
-want_key(10, 'q:' .. class)
-want_key(11, 'wake:' .. class)
+local jk = want_key(9, 'job:', id)
+local qk = want_key(10, 'q:', class)
+local wk = want_key(11, 'wake:', class)
 
 load_epoch()
-local existing = redis.call('HGET', jk, 'status')
+local existing = call('HGET', jk, 'status')
 if existing then return { 'exists', existing } end
 local cfg = config()
 -- Counted first, so the limit costs no extra read; a refusal takes it back (nothing else has
 -- been written yet).
-local queued = redis.call('INCR', K.queued)
+local queued = call('INCR', K.queued)
 if check and queued > cfg.max_queue then
-  redis.call('DECR', K.queued)
+  call('DECR', K.queued)
   return { 'queue_full', queued - 1 }
 end
 
-local seq = redis.call('INCR', K.seq)
+local seq = call('INCR', K.seq)
 -- (100 - priority) * 2^40 + seq: ZRANGE 0 0 is the highest priority, then the oldest.
 -- Below 2^53, so exact as a double and as a sorted-set score.
 local score = int((100 - priority) * 1099511627776 + seq)
 local seq_s = int(seq)
 -- The integer arguments are canonical digits (int_arg): stored as they came.
-redis.call('HSET', jk, 'user_id', uid, 'class', class, 'priority', ARGV[6], 'seq', seq_s,
+call('HSET', jk, 'user_id', uid, 'class', class, 'priority', ARGV[6], 'seq', seq_s,
   'score', score, 'status', 'QUEUED', 'attempts', '0', 'max_attempts', ARGV[7],
   'timeout_ms', ARGV[8], 'cancel_requested', '0', 'payload', payload)
 -- A user already at their limit: straight to the held set, so claims never have to look at it.
 local urk = key('user:', uid, ':running')
-local parked = tonumber(redis.call('GET', urk) or '0') % HELD_UNIT >= cfg.per_user
+local parked = tonumber(call('GET', urk) or '0') % HELD_UNIT >= cfg.per_user
 local maybe_new_class = true
 if parked then
-  redis.call('ZADD', key('held:', uid), score, id)
-  redis.call('INCRBY', urk, HELD_UNIT)
+  call('ZADD', key('held:', uid), score, id)
+  call('INCRBY', urk, HELD_UNIT)
 else
   -- A class already in the heads index is a known one: no HSETNX for it.
-  maybe_new_class = place(class, id, score)
+  maybe_new_class = place(class, id, score, qk, wk)
 end
-if maybe_new_class and redis.call('HSETNX', K.classes, class, requirements) == 1 then
-  redis.call('INCR', K['classes:ver'])
+if maybe_new_class and call('HSETNX', K.classes, class, requirements) == 1 then
+  call('INCR', K['classes:ver'])
   -- A class nobody has seen: every machine's idle claimer is told at once (a token on its own
   -- machine:<mid>:wake list, which it blocks on with its classes' lists), so the first job of a
   -- new kind does not wait for the next heartbeat. One token is enough (cut back to one); the
   -- list goes after an hour with nobody to take it. Costs 2-3 commands per live machine, once
   -- per class.
-  local mids = redis.call('ZRANGE', K.machines, 0, -1)
+  local mids = call('ZRANGE', K.machines, 0, -1)
   for i = 1, #mids do
     local mw = key('machine:', mids[i], ':wake')
-    if redis.call('LPUSH', mw, '1') > 1 then redis.call('LTRIM', mw, 0, 0) end
-    redis.call('PEXPIRE', mw, '3600000')
+    if call('LPUSH', mw, '1') > 1 then call('LTRIM', mw, 0, 0) end
+    call('PEXPIRE', mw, '3600000')
   end
 end
 -- Nothing here needs the time but the event, which takes its entry id's: no TIME call.

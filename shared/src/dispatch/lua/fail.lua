@@ -4,7 +4,7 @@
 -- ARGV: prefix, machine_id, execution_id, error_json, retryable (0|1)
 -- Reply: {'ok', 'requeued'|'failed'|'cancelled', attempts} | {'stale'} | {'not_owner'}
 --      | {'restoring'}
-K = bind_keys({ 'config', 'leases', 'queued', 'events', 'heads' })
+K = bind_keys(KEYS_AGENT)
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
 local err = json_arg(ARGV[4], 65536, 'error')

@@ -4,17 +4,17 @@
 --       agent is running.
 -- Reply: {'ok', drain (0|1), classes_version, status, n_cancel, cancel eids..., abandon eids...}
 --      | {'unknown_machine'} | {'restoring'}
-K = bind_keys({ 'config', 'leases', 'machines', 'events', 'classes:ver' })
+K = bind_keys(KEYS_HEARTBEAT)
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local state = ARGV[3]
 if state ~= 'STARTING' and state ~= 'READY' then argerr('state', 'must be STARTING or READY') end
 local gpu = json_arg(ARGV[4], 65536, 'gpu_stats')
-local mk = want_key(6, 'machine:' .. mid)
+local mk = want_key(6, 'machine:', mid)
 if #ARGV - 4 > 1024 then argerr('running', 'at most 1024 execution ids') end
 for i = 5, #ARGV do uuid_arg(ARGV[i], 'running') end
 
 if not load_epoch() then return { 'restoring' } end
-local m = redis.call('HMGET', mk, 'status', 'drain', 'max_slots', 'execs', 'lease')
+local m = call('HMGET', mk, 'status', 'drain', 'max_slots', 'execs', 'lease')
 if not m[1] or machine_gone(m[1]) then return { 'unknown_machine' } end
 local now = now_text()
 
@@ -41,7 +41,7 @@ for _, rec in ipairs(recs) do
       rec[7] = lease_text
     end
     extended = extended + 1
-    if redis.call('HGET', key('job:', rec[2]), 'cancel_requested') == '1' then
+    if call('HGET', key('job:', rec[2]), 'cancel_requested') == '1' then
       cancel[#cancel + 1] = eid
     end
   end
@@ -64,12 +64,12 @@ local status = machine_status_for(m[2], state == 'READY', #recs, tonumber(m[3]) 
 if status ~= m[1] then
   f[#f + 1] = 'status'; f[#f + 1] = status
 end
-redis.call('HSET', mk, unpack(f))
+call('HSET', mk, unpack(f))
 if status ~= m[1] then emit('machine.status', nil, nil, mid, status_json(status, m[1], nil)) end
-redis.call('ZADD', K.machines, now, mid)
+call('ZADD', K.machines, now, mid)
 emit('machine.heartbeat', nil, nil, mid, json_obj({ { 'running', extended, 'n' },
   { 'status', status, 'w' }, { 'gpu', gpu, 'raw' } }))
-local reply = { 'ok', m[2] == '1' and 1 or 0, redis.call('GET', K['classes:ver']) or '0', status,
+local reply = { 'ok', m[2] == '1' and 1 or 0, call('GET', K['classes:ver']) or '0', status,
   #cancel }
 for _, eid in ipairs(cancel) do reply[#reply + 1] = eid end
 for _, eid in ipairs(abandon) do reply[#reply + 1] = eid end

@@ -4,8 +4,8 @@
 -- KEYS: config
 -- ARGV: prefix, epoch (1-64 bytes of [A-Za-z0-9_-])
 -- Reply: {created (0|1), epoch}
-K = bind_keys({ 'config' })
+K = bind_keys(KEYS_CONFIG)
 local epoch = str_arg(ARGV[2], 1, 64, 'epoch')
-if not string.match(epoch, '^[%w_%-]+$') then argerr('epoch', 'must be [A-Za-z0-9_-]') end
-if redis.call('HSETNX', K.config, 'epoch', epoch) == 1 then return { 1, epoch } end
-return { 0, redis.call('HGET', K.config, 'epoch') }
+if not match(epoch, '^[%w_%-]+$') then argerr('epoch', 'must be [A-Za-z0-9_-]') end
+if call('HSETNX', K.config, 'epoch', epoch) == 1 then return { 1, epoch } end
+return { 0, call('HGET', K.config, 'epoch') }

@@ -8,16 +8,16 @@
 -- placed or not (one that is no longer QUEUED is simply dropped).
 local function unpark(uid, free)
   if free <= 0 then return end
-  local held = redis.call('ZPOPMIN', key('held:', uid), free)
+  local held = call('ZPOPMIN', key('held:', uid), free)
   if #held == 0 then return end
   for i = 1, #held, 2 do
     local id = held[i]
-    local j = redis.call('HMGET', key('job:', id), 'class', 'status')
+    local j = call('HMGET', key('job:', id), 'class', 'status')
     if j[1] and j[2] == 'QUEUED' then
       place(j[1], id, held[i + 1])
     end
   end
-  redis.call('INCRBY', key('user:', uid, ':running'), int(-(#held / 2) * HELD_UNIT))
+  call('INCRBY', key('user:', uid, ':running'), int(-(#held / 2) * HELD_UNIT))
 end
 
 -- `n`: the user's counter as it stands. When something of theirs is held, as many held jobs as
@@ -32,9 +32,9 @@ end
 -- and the next claim of theirs would create it again. One small key per user.)
 local function release_user(uid)
   local rk = key('user:', uid, ':running')
-  local n = redis.call('DECR', rk)
+  local n = call('DECR', rk)
   if n <= 0 then
-    if n < 0 then redis.call('DEL', rk) end -- a count lost with Redis's data: start again
+    if n < 0 then call('DEL', rk) end -- a count lost with Redis's data: start again
     return
   end
   unpark_room(uid, n)
@@ -60,9 +60,9 @@ end
 -- ahead of everything submitted after it at its priority.
 local function requeue(id, class, score)
   local jk = key('job:', id)
-  redis.call('HSET', jk, 'status', 'QUEUED')
-  redis.call('HDEL', jk, 'execution_id', 'machine_id', 'started_ms', 'progress')
-  redis.call('INCR', K.queued)
+  call('HSET', jk, 'status', 'QUEUED')
+  call('HDEL', jk, 'execution_id', 'machine_id', 'started_ms', 'progress')
+  call('INCR', K.queued)
   place(class, id, score)
 end
 
@@ -75,19 +75,19 @@ end
 local function finish(id, status, had_progress, field, value)
   local jk = key('job:', id)
   if field then
-    redis.call('HSET', jk, 'status', status, 'finished_ms', now_text(), 'payload', '', field,
+    call('HSET', jk, 'status', status, 'finished_ms', now_text(), 'payload', '', field,
       value)
   else
-    redis.call('HSET', jk, 'status', status, 'finished_ms', now_text(), 'payload', '')
+    call('HSET', jk, 'status', status, 'finished_ms', now_text(), 'payload', '')
   end
-  if had_progress then redis.call('HDEL', jk, 'progress') end
+  if had_progress then call('HDEL', jk, 'progress') end
 end
 
 -- The job fields a fenced report or an expiry needs, in this order (see job_fields).
 local JOB_FIELDS = { 'status', 'execution_id', 'attempts', 'max_attempts', 'cancel_requested',
   'class', 'score', 'progress', 'timeout_ms' }
 local function job_fields(id)
-  local j = redis.call('HMGET', key('job:', id), unpack(JOB_FIELDS))
+  local j = call('HMGET', key('job:', id), unpack(JOB_FIELDS))
   return {
     status = j[1],
     execution_id = j[2],
@@ -112,11 +112,17 @@ end
 -- it (the agent retrying after a lost reply) should just be answered 'again'. `light`: the
 -- caller needs only `user` and `attempts_text` (complete), which the record holds: a running
 -- execution is always its job's current one (every function that moves a job on ends its
--- execution first), so the job is not read.
+-- execution first), so the job is not read, and the record returned holds its first four parts
+-- only (eid, job, user, attempts: what ending it needs).
 local function fence(mid, eid, m, report, done_status, light)
-  local rec = record_find(m[4], eid)
-  if rec then
-    if light then return rec[2], { user = rec[3], attempts_text = rec[4] }, rec end
+  local at = record_at(m[4], eid)
+  if at then
+    if light then
+      -- Only the record's first four parts are read (the rest are not needed to end it).
+      local job, user, attempts = match(m[4], RECORD_HEAD_PATTERN, at)
+      return job, { user = user, attempts_text = attempts }, { eid, job, user, attempts }
+    end
+    local rec = record_parse(m[4], at)
     local j = job_fields(rec[2])
     if j.status == 'PROCESSING' and j.execution_id == eid then
       j.user = rec[3]
@@ -168,5 +174,5 @@ end
 
 -- A report's machine, read once: its HMGET of MACHINE_FIELDS.
 local function report_machine(mid)
-  return redis.call('HMGET', key('machine:', mid), unpack(MACHINE_FIELDS))
+  return call('HMGET', machine_key(mid), unpack(MACHINE_FIELDS))
 end

@@ -8,7 +8,7 @@
 -- KEYS: config, leases, queued, events, heads
 -- ARGV: prefix, limit (machines), now_ms ('' = Redis TIME; a value is for tests and tools)
 -- Reply: {requeued, failed, timed_out, cancelled, cleaned}
-K = bind_keys({ 'config', 'leases', 'queued', 'events', 'heads' })
+K = bind_keys(KEYS_AGENT)
 int_arg(ARGV[2], 1, 10000, 'limit')
 if ARGV[3] ~= '' then NOW = int_arg(ARGV[3], 0, 1e15, 'now_ms') end
 
@@ -31,11 +31,11 @@ load_epoch()
 local now = now_ms()
 local now_s = now_text()
 local counts = { requeued = 0, failed = 0, timed_out = 0, cancelled = 0, cleaned = 0 }
-for _, mid in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', now_s, 'LIMIT', 0, ARGV[2])) do
+for _, mid in ipairs(call('ZRANGEBYSCORE', K.leases, '-inf', now_s, 'LIMIT', 0, ARGV[2])) do
   local m = report_machine(mid)
   if not m[1] then
     -- (The machine's hash is gone, and its records with it.)
-    redis.call('ZREM', K.leases, mid)
+    call('ZREM', K.leases, mid)
     counts.cleaned = counts.cleaned + 1
   else
     local handled, running = 0, {}
@@ -59,7 +59,7 @@ for _, mid in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', now_s, 'LIMIT
     if handled > 0 then
       refresh_machine(mid, m, m[4], m[5], lease)
     elseif lease then
-      redis.call('HSET', key('machine:', mid), 'lease', lease)
+      call('HSET', key('machine:', mid), 'lease', lease)
     end
   end
 end

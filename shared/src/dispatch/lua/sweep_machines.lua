@@ -4,21 +4,21 @@
 -- KEYS: config, machines, events
 -- ARGV: prefix, stale_ms, limit, now_ms ('' = Redis TIME)
 -- Reply: {n_marked_offline}
-K = bind_keys({ 'config', 'machines', 'events' })
+K = bind_keys(KEYS_MACHINES)
 local stale_ms = int_arg(ARGV[2], 1, 1e12, 'stale_ms')
 int_arg(ARGV[3], 1, 10000, 'limit')
 if ARGV[4] ~= '' then NOW = int_arg(ARGV[4], 0, 1e15, 'now_ms') end
 
 load_epoch()
 local n = 0
-for _, mid in ipairs(redis.call('ZRANGEBYSCORE', K.machines, '-inf', int(now_ms() - stale_ms),
+for _, mid in ipairs(call('ZRANGEBYSCORE', K.machines, '-inf', int(now_ms() - stale_ms),
   'LIMIT', 0, ARGV[3])) do
-  redis.call('ZREM', K.machines, mid)
+  call('ZREM', K.machines, mid)
   local mk = key('machine:', mid)
-  local old = redis.call('HGET', mk, 'status')
+  local old = call('HGET', mk, 'status')
   if old and not machine_gone(old) then
-    redis.call('HSET', mk, 'status', 'OFFLINE')
-    redis.call('PEXPIRE', mk, OFFLINE_MACHINE_TTL_MS)
+    call('HSET', mk, 'status', 'OFFLINE')
+    call('PEXPIRE', mk, OFFLINE_MACHINE_TTL_MS)
     emit('machine.status', nil, nil, mid, json_obj({ { 'status', 'OFFLINE', 'w' },
       { 'previous', old, 'w' }, { 'reason', 'no_heartbeat', 'w' } }))
     n = n + 1
