@@ -109,7 +109,7 @@ pub async fn run(
 ) -> anyhow::Result<Persisted> {
     let db = ThrowawayDb::parse(database_url)?;
     let pool = db.create().await?;
-    let dispatch = Arc::new(Dispatch::new(&bench::random_prefix("bench-d"))?);
+    let dispatch = Arc::new(Dispatch::new(&bench::short_random_prefix())?);
     let mut con = bench::connection_manager(client, Duration::from_secs(30)).await?;
     let result = run_on(client, &pool, &dispatch, &mut con, jobs).await;
     bench::delete_prefix(&mut con, dispatch.keys()).await?;

@@ -359,7 +359,7 @@ async fn emp(
     let con = bench::connection_manager(&client, Duration::from_secs(10)).await?;
     let dispatch = Arc::new(match api {
         Some((env, _)) => Dispatch::new(&env.prefix)?,
-        None => Dispatch::new(&bench::random_prefix("versus"))?,
+        None => Dispatch::new(&bench::short_random_prefix())?,
     });
     if api.is_none() {
         let config = DispatchConfig {
