@@ -789,6 +789,34 @@ async fn bad_arguments_are_refused_before_anything_is_written() {
 }
 
 #[tokio::test]
+async fn an_argument_seen_well_formed_before_is_still_checked_against_its_own_field() {
+    let mut c = ctx().await;
+    let cls = class_id(1);
+    // 0 is a good priority (0-100) and is remembered as a well-formed integer...
+    c.enqueue_ok(&NewJob {
+        priority: 0,
+        ..new_job(Uuid::now_v7(), &cls)
+    })
+    .await;
+    let events = c.events().await.len();
+    // ...but not a good max_attempts (1-100).
+    let job = NewJob {
+        max_attempts: 0,
+        ..new_job(Uuid::now_v7(), &cls)
+    };
+    for _ in 0..2 {
+        match c.d.enqueue(&mut c.con, &job, QueueLimit::Enforce).await {
+            Err(DispatchError::Rejected { field, .. }) => assert_eq!(field, "max_attempts"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(c.d.job(&mut c.con, &job.job_id).await.unwrap(), None);
+    assert_eq!(c.d.queued_count(&mut c.con).await.unwrap(), 1);
+    assert_eq!(c.events().await.len(), events);
+    c.cleanup().await;
+}
+
+#[tokio::test]
 async fn heartbeat_orders_unknown_drain_and_abandon() {
     let mut c = ctx().await;
     let cls = classes(&[1]);

@@ -1222,3 +1222,56 @@ fn fenced<T>(
         other => Err(r.unexpected(format!("tag {other}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::bench;
+
+    /// The functions keep the key names they built for the last prefix they saw; a call whose
+    /// keys belong to another prefix than its own is still refused, whichever prefix came last.
+    #[tokio::test]
+    async fn keys_of_another_prefix_are_refused_whichever_prefix_came_last() {
+        let url =
+            std::env::var("EMP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let client = redis::Client::open(url).unwrap();
+        let mut con = bench::connection_manager(&client, Duration::from_secs(10))
+            .await
+            .expect("Redis at EMP_TEST_REDIS_URL or 127.0.0.1:6379");
+        let a = Dispatch::new(&bench::random_prefix("t")).unwrap();
+        let b = Dispatch::new(&bench::random_prefix("t")).unwrap();
+        for d in [&a, &b] {
+            bench::prepare(d, &mut con, &DispatchConfig::default())
+                .await
+                .unwrap();
+        }
+        let (epoch_a, _) = a.init_epoch(&mut con, "ignored").await.unwrap();
+        let (epoch_b, _) = b.init_epoch(&mut con, "ignored").await.unwrap();
+        for (d, other) in [(&a, &b), (&b, &a), (&a, &b)] {
+            // The call's own keys work...
+            let (_, created) = d.init_epoch(&mut con, "ignored").await.unwrap();
+            assert!(!created);
+            // ...the other prefix's config, with this prefix in ARGV, does not.
+            let Err(err) = d
+                .run(
+                    &mut con,
+                    &d.scripts.init_epoch,
+                    &[other.keys.config()],
+                    d.args().s("x"),
+                )
+                .await
+            else {
+                panic!("another prefix's keys were accepted");
+            };
+            assert!(
+                matches!(&err, DispatchError::Rejected { field, .. } if field == "keys"),
+                "{err:?}"
+            );
+        }
+        assert_eq!(a.init_epoch(&mut con, "x").await.unwrap().0, epoch_a);
+        assert_eq!(b.init_epoch(&mut con, "x").await.unwrap().0, epoch_b);
+        for d in [&a, &b] {
+            bench::delete_prefix(&mut con, d.keys()).await.unwrap();
+        }
+    }
+}

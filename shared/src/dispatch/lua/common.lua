@@ -67,7 +67,7 @@ local function begin(keys, args)
   K, NOW, NOW_TEXT, EPOCH, CFG, HELD_EVENT, ON_EMITTED = nil, nil, nil, nil, nil, nil, nil
   MACHINE_ID, MACHINE_KEY = nil, nil
   if P ~= CHECKED_PREFIX then
-    if type(P) ~= 'string' or not find(P, '^{[%w_%.%-]+}:$') then
+    if not P or not find(P, '^{[%w_%.%-]+}:$') then
       argerr('prefix', 'must look like {name}:')
     end
     CHECKED_PREFIX = P
@@ -156,24 +156,41 @@ local UUID_PATTERN =
 local CLASS_PATTERN =
   '^[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]$'
 
+-- Arguments arrive as strings (missing ones as nil): `not s` is the check for a string, and
+-- cheaper than type(s), which interns its answer.
 local function uuid_arg(s, field)
-  if type(s) ~= 'string' or not find(s, UUID_PATTERN) then
+  if not s or not find(s, UUID_PATTERN) then
     argerr(field, 'must be a lowercase hyphenated UUID')
   end
   return s
 end
 
 local function class_arg(s, field)
-  if type(s) ~= 'string' or not find(s, CLASS_PATTERN) then
+  if not s or not find(s, CLASS_PATTERN) then
     argerr(field, 'must be 32 lowercase hex characters')
   end
   return s
 end
 
+-- Arguments found well formed before, so their like costs one table lookup (priorities, limits,
+-- requirements and outputs repeat from call to call). Each remembers at most CHECKED_MAX texts
+-- (the first ones seen: it is a cache of what is common, never emptied), JSON only up to
+-- CHECKED_JSON_MAX bytes each.
+local CHECKED_MAX, CHECKED_JSON_MAX = 256, 1024
+local checked_ints, checked_ints_n = {}, 0
+local checked_json, checked_json_n = {}, 0
+
 -- A non-negative integer argument in canonical digits, so it can be stored and passed on as
 -- the text it came as. Returns the number.
 local function int_arg(s, lo, hi, field)
-  local n = type(s) == 'string' and find(s, '^%d+$') and tonumber(s)
+  local n = s and checked_ints[s]
+  if not n then
+    n = s and find(s, '^%d+$') and tonumber(s)
+    if n and checked_ints_n < CHECKED_MAX then
+      checked_ints[s] = n
+      checked_ints_n = checked_ints_n + 1
+    end
+  end
   if not n or n < lo or n > hi then
     argerr(field, 'must be an integer from ' .. int(lo) .. ' to ' .. int(hi))
   end
@@ -181,7 +198,7 @@ local function int_arg(s, lo, hi, field)
 end
 
 local function str_arg(s, min_len, max_len, field)
-  if type(s) ~= 'string' or #s < min_len or #s > max_len then
+  if not s or #s < min_len or #s > max_len then
     argerr(field, 'must be ' .. min_len .. ' to ' .. max_len .. ' bytes')
   end
   return s
@@ -191,8 +208,13 @@ end
 -- here only proves they are JSON.
 local function json_arg(s, max_len, field)
   str_arg(s, 1, max_len, field)
+  if checked_json[s] then return s end
   if not pcall(json_decode, s) then
     argerr(field, 'must be JSON')
+  end
+  if #s <= CHECKED_JSON_MAX and checked_json_n < CHECKED_MAX then
+    checked_json[s] = true
+    checked_json_n = checked_json_n + 1
   end
   return s
 end
@@ -401,8 +423,9 @@ end
 -- its lease's end, or its deadline when that comes first. Every part is a UUID or digits, so a
 -- record holds no space or comma of its own. An execution runs exactly while its record is
 -- there: nothing else says so.
--- `ended`: the machine's last ENDED_KEEP executions that ended, `<eid>:<STATUS>` separated by
--- spaces, newest first, so a report repeated after a lost reply is told apart from a late one.
+-- `ended`: the machine's last ENDED_KEEP executions that ended, `<eid's last 12 hex>:<STATUS>`
+-- separated by spaces, newest first, so a report repeated after a lost reply is told apart from a
+-- late one (see ended_add).
 -- `lease`: the score of the machine's entry in `leases`, missing or '' when it has none (see
 -- lease_lower).
 local MACHINE_FIELDS = { 'status', 'max_slots', 'drain', 'execs', 'ended', 'lease' }
@@ -485,9 +508,13 @@ local function execs_remove(execs, eid)
   return sub(execs, 1, at - 1) .. sub(execs, stop + 1)
 end
 
--- `ended` with `eid` (ended with `status`) in front, cut to ENDED_KEEP entries.
+-- `ended` with `eid` (ended with `status`) in front, cut to ENDED_KEEP entries. An execution is
+-- named there by its id's last 12 hex digits (48 bits, most of them random in a UUIDv7): a third
+-- of the bytes every call reads, copies and writes. Two of one machine's last ends sharing them is
+-- practically impossible, and would only answer a repeated report of one as the other's (ok or
+-- stale: nothing is written either way).
 local function ended_add(ended, eid, status)
-  local e = eid .. ':' .. status
+  local e = sub(eid, 25) .. ':' .. status
   if not ended or ended == '' then return e end
   local s = e .. ' ' .. ended
   local at = 0
@@ -501,7 +528,7 @@ end
 -- How `eid` ended on this machine, if it is one of its last ENDED_KEEP.
 local function ended_status(ended, eid)
   if not ended or ended == '' then return nil end
-  local at = find(ended, eid .. ':', 1, true)
+  local at = find(ended, sub(eid, 25) .. ':', 1, true)
   if not at then return nil end
   return match(ended, '^[^:]+:(%u+)', at)
 end

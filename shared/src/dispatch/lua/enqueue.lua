@@ -14,7 +14,7 @@ local priority = int_arg(ARGV[6], 0, 100, 'priority')
 int_arg(ARGV[7], 1, 100, 'max_attempts')
 int_arg(ARGV[8], 1, 30 * 86400 * 1000, 'timeout_ms')
 local payload = ARGV[9]
-if type(payload) ~= 'string' then argerr('payload', 'missing') end
+if not payload then argerr('payload', 'missing') end
 local check = int_arg(ARGV[10], 0, 1, 'check_queue_size') == 1
 local jk = want_key(9, 'job:', id)
 local qk = want_key(10, 'q:', class)
@@ -37,10 +37,11 @@ local seq = call('INCR', K.seq)
 -- Below 2^53, so exact as a double and as a sorted-set score.
 local score = int((100 - priority) * 1099511627776 + seq)
 local seq_s = int(seq)
--- The integer arguments are canonical digits (int_arg): stored as they came.
+-- The integer arguments are canonical digits (int_arg): stored as they came. `attempts` and
+-- `cancel_requested` start missing, which every reader takes as 0 (two fields fewer to write).
 call('HSET', jk, 'user_id', uid, 'class', class, 'priority', ARGV[6], 'seq', seq_s,
-  'score', score, 'status', 'QUEUED', 'attempts', '0', 'max_attempts', ARGV[7],
-  'timeout_ms', ARGV[8], 'cancel_requested', '0', 'payload', payload)
+  'score', score, 'status', 'QUEUED', 'max_attempts', ARGV[7], 'timeout_ms', ARGV[8],
+  'payload', payload)
 -- A user already at their limit: straight to the held set, so claims never have to look at it.
 local urk = key('user:', uid, ':running')
 local parked = tonumber(call('GET', urk) or '0') % HELD_UNIT >= cfg.per_user
