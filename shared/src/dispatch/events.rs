@@ -10,13 +10,16 @@
 //!
 //! | field | meaning |
 //! |---|---|
-//! | `type` | the first event's type (required) |
+//! | `e` | the first event's type and ids: `<type> <job> <exec> <machine>`, `-` for an id it has not (required) |
 //! | `ts` | ms since the Unix epoch, Redis time; optional: when absent, the ms part of the entry id (`<ms>-<seq>`) |
 //! | `ep` | the epoch, when set |
-//! | `job`, `exec`, `machine` | the first event's ids (UUIDs) |
 //! | `data` | the first event's data, a JSON object |
-//! | `type2` | the second event's type; required as soon as any other `…2` field is present |
-//! | `job2`, `exec2`, `machine2`, `data2` | the second event's ids and data |
+//! | `e2`, `data2` | the second event's, as `e` and `data` |
+//!
+//! The scripts write the type and ids in one field because every field costs the XADD two more
+//! arguments and two more stream elements. Entries written before that hold them in fields of
+//! their own, still read: `type`, `job`, `exec`, `machine` (and `type2`, `job2`, `exec2`,
+//! `machine2`).
 //!
 //! Both events share the entry's `ts` and `ep`, and its id ([`Event::stream_id`], what
 //! [`EventStream::ack`] takes): acknowledge an entry once, after all its events are applied.
@@ -234,6 +237,12 @@ impl EventEntry {
                     );
                 }
                 "ep" => epoch = Some(text.to_owned()),
+                "e" | "e2" => {
+                    let part = usize::from(name == "e2");
+                    parts[part]
+                        .set_header(text)
+                        .map_err(|reason| bad(format!("field {name} {reason}")))?;
+                }
                 _ => {
                     // Fields added by a newer version are ignored.
                     if let Some((field, part)) = EventField::of(name) {
@@ -367,6 +376,29 @@ struct PartFields {
 }
 
 impl PartFields {
+    /// Sets the type and the ids from an `e` field: `<type> <job> <exec> <machine>`, `-` for an
+    /// id the event has not. The error says what is wrong with it.
+    fn set_header(&mut self, text: &str) -> Result<(), String> {
+        let mut words = text.split(' ');
+        let fields = [
+            EventField::Type,
+            EventField::Job,
+            EventField::Exec,
+            EventField::Machine,
+        ];
+        for field in fields {
+            match words.next() {
+                Some("-") if field != EventField::Type => {}
+                Some(word) if !word.is_empty() && word != "-" => self.set(field, word)?,
+                _ => return Err("is not <type> <job> <exec> <machine>".into()),
+            }
+        }
+        if words.next().is_some() {
+            return Err("is not <type> <job> <exec> <machine>".into());
+        }
+        Ok(())
+    }
+
     /// Sets a field from its text; the error says what is wrong with it.
     fn set(&mut self, field: EventField, text: &str) -> Result<(), String> {
         let uuid = || text.parse::<Uuid>().map_err(|_| "is not a UUID".to_owned());
@@ -993,6 +1025,74 @@ mod tests {
         assert_eq!(first.persist_id("x"), "e1:1700000000000-3");
         let events: Vec<Event> = e.into_iter().collect();
         assert_eq!(events.len(), 1);
+    }
+
+    /// `complete_then_claim` as the scripts write it now: type and ids in one field per event.
+    fn complete_then_claim_packed() -> Vec<(String, String)> {
+        let mut fields: Vec<(String, String)> = Vec::new();
+        let old = complete_then_claim();
+        let get = |name: &str| old.iter().find(|(k, _)| *k == name).unwrap().1;
+        for (suffix, e) in [("", "e"), ("2", "e2")] {
+            let header = ["type", "job", "exec", "machine"]
+                .map(|f| get(&format!("{f}{suffix}")))
+                .join(" ");
+            fields.push((e.into(), header));
+        }
+        for name in ["ts", "ep", "data", "data2"] {
+            fields.push((name.into(), get(name).into()));
+        }
+        fields
+    }
+
+    fn packed_entry(id: &str, fields: &[(String, String)]) -> Result<EventEntry, MalformedEvent> {
+        EventEntry::from_fields(id, fields.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+    }
+
+    #[test]
+    fn type_and_ids_in_one_field_read_as_in_fields_of_their_own() {
+        let packed = packed_entry("1700000000499-0", &complete_then_claim_packed()).unwrap();
+        let spread = entry("1700000000499-0", &complete_then_claim()).unwrap();
+        assert_eq!(packed, spread);
+        assert_eq!(packed.event_count(), 2);
+        // `-` stands for an id the event has not.
+        let alone = entry(
+            "1700000000000-1",
+            &[
+                ("e", &format!("machine.status - - {MACHINE}")),
+                ("data", r#"{"status":"BUSY"}"#),
+            ],
+        )
+        .unwrap();
+        assert_eq!(alone.first.event_type, EventType::MachineStatus);
+        assert_eq!(alone.first.job_id, None);
+        assert_eq!(alone.first.execution_id, None);
+        assert_eq!(alone.first.machine_id, Some(uuid(MACHINE)));
+        assert!(alone.second.is_none());
+    }
+
+    #[test]
+    fn a_malformed_type_and_ids_field_is_refused_whole() {
+        for header in [
+            "job.claimed".to_owned(),
+            format!("job.claimed {JOB_A} -"),
+            format!("job.claimed {JOB_A} - - extra"),
+            format!("- {JOB_A} - -"),
+            format!("job.claimed  {JOB_A} -"),
+            "job.claimed not-a-uuid - -".to_owned(),
+        ] {
+            let err = entry("1700000000000-1", &[("e", &header)]).unwrap_err();
+            assert!(
+                err.reason.contains("field e "),
+                "{header:?}: {}",
+                err.reason
+            );
+        }
+        let err = entry(
+            "1700000000000-1",
+            &[("e", "job.claimed - - -"), ("e2", "job.claimed x - -")],
+        )
+        .unwrap_err();
+        assert!(err.reason.contains("field e2 "), "{}", err.reason);
     }
 
     #[test]

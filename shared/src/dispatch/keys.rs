@@ -102,7 +102,7 @@ impl Keys {
     pub fn job(&self, job_id: &Uuid) -> String {
         self.key(&format!("job:{job_id}"))
     }
-    /// String: one execution, `<job> <machine> <user>`, written once by its claim; it expires
+    /// String: one execution, `<job> <machine>`, written once by its claim; it expires
     /// `finished_ttl_ms` after the execution's hard deadline.
     pub fn exec(&self, execution_id: &Uuid) -> String {
         self.key(&format!("exec:{execution_id}"))

@@ -184,7 +184,7 @@ local function claim_next(mid, eid, m, max_parks, first_class, direct, ended_cha
         -- The execution's key, created only if its id was never used (SET NX): a retry of a lost
         -- claim was answered before (claim_again); any other reuse is refused here, with the job
         -- put back where it was and the user's count as it was.
-        if not call('SET', key('exec:', eid), id .. ' ' .. mid .. ' ' .. uid, 'NX', 'PX',
+        if not call('SET', key('exec:', eid), id .. ' ' .. mid, 'NX', 'PX',
           int(timeout + cfg.finished_ttl)) then
           call('DECR', urk)
           local score_s = int(score)

@@ -312,31 +312,33 @@ local HELD_UNIT = 1048576
 
 -- Every state change writes its event in the same script, so Redis and the stream never
 -- disagree. `data` is JSON text (see json_obj) or nil.
---
--- One stream entry may carry two events: the first under the usual field names, the second
--- under `type2`, `job2`, `exec2`, `machine2`, `data2`, sharing `ts` and `ep` (the persister
--- applies them in that order). hold_event keeps an event back so the next emit writes both in
--- one XADD; flush_event writes a held event alone. complete_claim uses it for the completion
--- and the claim that follows.
+-- An event is two fields: `e`, its type and ids in one text (`<type> <job> <exec> <machine>`,
+-- `-` for an id it has not), and `data`, when it has any. Ids are UUIDs and types are words, so
+-- neither holds a space. One field for the type and the ids instead of four: each field is two
+-- more arguments to convert and two more stream entries to write, which costs more than the
+-- concatenation.
+-- One stream entry may carry two events: the second under `e2` and `data2`, sharing `ts` and `ep`
+-- (the persister applies them in that order). hold_event keeps an event back so the next emit
+-- writes both in one XADD; flush_event writes a held event alone. complete_claim uses it for the
+-- completion and the claim that follows.
 -- `ts`: an entry carries the call's time when the call knows it already (read with TIME, or a
 -- test's clock). Otherwise the entry id's time is the event's, and becomes the call's: now_ms
 -- and now_text answer it from then on, so a function that writes its event before it needs the
 -- time (the claim, enqueue) reads no TIME. ON_EMITTED, when set, runs once the call's first
 -- entry is written: complete_claim writes the job's end there, with that time.
 -- `timed` false: never `ts` (enqueue, whose event time is always its entry's).
-local FIRST_EVENT = { 'type', 'job', 'exec', 'machine', 'data' }
-local SECOND_EVENT = { 'type2', 'job2', 'exec2', 'machine2', 'data2' }
+local FIRST_EVENT = { 'e', 'data' }
+local SECOND_EVENT = { 'e2', 'data2' }
 -- XADD's fields, built in this one table (reused, never emptied: each XADD passes its first n).
 local xadd_fields = {}
 -- Puts one event's fields in xadd_fields from n + 1 on, under `names` (FIRST_EVENT or
 -- SECOND_EVENT). Returns the new n.
 local function add_event(n, names, kind, job, exec, machine, data)
   local f = xadd_fields
-  f[n + 1] = names[1]; f[n + 2] = kind; n = n + 2
-  if job then f[n + 1] = names[2]; f[n + 2] = job; n = n + 2 end
-  if exec then f[n + 1] = names[3]; f[n + 2] = exec; n = n + 2 end
-  if machine then f[n + 1] = names[4]; f[n + 2] = machine; n = n + 2 end
-  if data and data ~= '{}' then f[n + 1] = names[5]; f[n + 2] = data; n = n + 2 end
+  f[n + 1] = names[1]
+  f[n + 2] = kind .. ' ' .. (job or '-') .. ' ' .. (exec or '-') .. ' ' .. (machine or '-')
+  n = n + 2
+  if data and data ~= '{}' then f[n + 1] = names[2]; f[n + 2] = data; n = n + 2 end
   return n
 end
 local function xadd(timed, kind, job, exec, machine, data)
@@ -608,7 +610,7 @@ local function set_machine_status(mid, old, new, reason)
   return new
 end
 
--- An execution also has a string key, `exec:<eid>` = "<job> <machine> <user>", created by the
+-- An execution also has a string key, `exec:<eid>` = "<job> <machine>", created by the
 -- claim with SET NX (which proves the id unused anywhere) and never written again; it expires
 -- finished_ttl after the execution's deadline. It tells a report about another machine's
 -- execution (refused) from a late one about the caller's own (stale), and names the job of an

@@ -45,11 +45,13 @@ else
   freed = true
 end
 
-local claim, wrote = { 'unknown_machine' }, false
-if again then
-  claim = again
-elseif m[1] and not machine_gone(m[1]) then
-  claim, wrote = claim_next(mid, next_eid, m, max_parks, 7, direct, freed)
+local claim, wrote = again, false
+if not again then
+  if m[1] and not machine_gone(m[1]) then
+    claim, wrote = claim_next(mid, next_eid, m, max_parks, 7, direct, freed)
+  else
+    claim = { 'unknown_machine' }
+  end
 end
 -- The finished execution leaves the machine's list (a claim that took a job wrote it already).
 if freed and not wrote then refresh_machine(mid, m, m[4], m[5], nil) end
