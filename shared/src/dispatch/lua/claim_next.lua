@@ -37,22 +37,22 @@ end
 
 -- The search state of one claim (a table, not closures over locals: a closure and each local it
 -- captures are built again on every call).
+--   first: where the classes start in ARGV.
 --   view[c]: what the claim knows of class c's queue: {id1, score1, id2, score2, ..., whole =
---     true when that is all the queue holds}. The index walk reads two entries (fetch = 2), so
---     taking the head still leaves the new head known (and its bound exact) without another read.
---   pop: one class, read directly: ZPOPMIN reads and takes its head in one command. Whatever it
---     pops is claimed, parked or dropped, like a head read with ZRANGE and then removed.
+--     true when that is all the queue holds}, read with ZRANGE. The index walk reads two entries
+--     (fetch = 2), so taking the head still leaves the new head known (and its bound exact)
+--     without another read.
 --   batches, walked_all, seen, seen_order, want: the index walk's (best_indexed).
+-- With one class there is no view: pop_only takes its head at once.
 local function head_of(s, c)
   local view = s.view
+  if not view then
+    view = {}
+    s.view = view
+  end
   local v = view[c]
   if not v or (v[1] == nil and not v.whole) then
-    local r
-    if s.pop then
-      r = call('ZPOPMIN', key('q:', c))
-    else
-      r = call('ZRANGE', key('q:', c), 0, s.fetch - 1, 'WITHSCORES')
-    end
+    local r = call('ZRANGE', key('q:', c), 0, s.fetch - 1, 'WITHSCORES')
     v = { whole = #r < 2 * s.fetch }
     for i = 1, #r, 2 do
       v[#v + 1] = r[i]
@@ -67,6 +67,16 @@ local function drop_head(s, c)
   local v = s.view[c]
   tremove(v, 1)
   tremove(v, 1)
+end
+
+-- The head of the one class ARGV[first], read and taken in one command (ZPOPMIN): nothing to
+-- compare, nothing to keep. Whatever it pops is claimed, parked or dropped, like a head read with
+-- ZRANGE and then removed.
+local function pop_only(s)
+  local c = ARGV[s.first]
+  local r = call('ZPOPMIN', key('q:', c))
+  if not r[1] then return nil end
+  return c, r[1], tonumber(r[2])
 end
 
 -- The best head among the classes ARGV[first..], each queue read directly.
@@ -159,9 +169,9 @@ local function claim_next(mid, eid, m, max_parks, first_class, direct, ended_cha
   if running >= max_slots then return { 'at_capacity' }, false end
   local cfg = config()
 
-  local s = { view = {}, first = first_class, fetch = direct and 1 or 2,
-    pop = direct and #ARGV == first_class }
-  local best = direct and best_direct or best_indexed
+  local pop = direct and #ARGV == first_class
+  local s = { first = first_class, fetch = direct and 1 or 2 }
+  local best = pop and pop_only or (direct and best_direct or best_indexed)
 
   local parks = 0
   while true do
@@ -170,8 +180,10 @@ local function claim_next(mid, eid, m, max_parks, first_class, direct, ended_cha
     local jk = key('job:', id)
     local j = call('HMGET', jk, 'status', 'user_id', 'attempts', 'max_attempts', 'priority',
       'timeout_ms', 'payload')
-    if not s.pop then call('ZREM', key('q:', c), id) end
-    drop_head(s, c)
+    if not pop then
+      call('ZREM', key('q:', c), id)
+      drop_head(s, c)
+    end
     -- (A queue entry without a queued job behind it should not happen; it is dropped so it cannot
     -- block the queue.)
     if j[1] == 'QUEUED' then

@@ -32,8 +32,8 @@ local KEYS, ARGV, P
 local K -- set by each function with bind_keys: K.leases, K.events...
 local NOW, NOW_TEXT
 local EPOCH, CFG
-local HELD_EVENT
-local ON_EMITTED
+local HELD_HEADER, HELD_DATA -- an event held back (hold_event)
+local ON_EMITTED, ON_EMITTED_ARG
 local MACHINE_ID, MACHINE_KEY -- the caller's machine and its key, once want_key checked it
 
 -- Standard functions as locals. Redis's Lua reaches every global through the __index of a
@@ -64,7 +64,7 @@ local function begin(keys, args)
   if not call then bind_standard_functions() end
   KEYS, ARGV = keys, args
   P = args[1]
-  K, NOW, NOW_TEXT, EPOCH, CFG, HELD_EVENT, ON_EMITTED = nil, nil, nil, nil, nil, nil, nil
+  K, NOW, NOW_TEXT, EPOCH, CFG, HELD_HEADER, ON_EMITTED = nil, nil, nil, nil, nil, nil, nil
   MACHINE_ID, MACHINE_KEY = nil, nil
   if P ~= CHECKED_PREFIX then
     if not P or not find(P, '^{[%w_%.%-]+}:$') then
@@ -325,33 +325,38 @@ local HELD_UNIT = 1048576
 -- test's clock). Otherwise the entry id's time is the event's, and becomes the call's: now_ms
 -- and now_text answer it from then on, so a function that writes its event before it needs the
 -- time (the claim, enqueue) reads no TIME. ON_EMITTED, when set, runs once the call's first
--- entry is written: complete_claim writes the job's end there, with that time.
+-- entry is written, with ON_EMITTED_ARG (a function and its argument rather than a closure, which
+-- would be built on every call): complete_claim writes the job's end there, with that time.
 -- `timed` false: never `ts` (enqueue, whose event time is always its entry's).
 local FIRST_EVENT = { 'e', 'data' }
 local SECOND_EVENT = { 'e2', 'data2' }
 -- XADD's fields, built in this one table (reused, never emptied: each XADD passes its first n).
 local xadd_fields = {}
+-- An event's `e` field.
+local function event_header(kind, job, exec, machine)
+  return kind .. ' ' .. (job or '-') .. ' ' .. (exec or '-') .. ' ' .. (machine or '-')
+end
 -- Puts one event's fields in xadd_fields from n + 1 on, under `names` (FIRST_EVENT or
 -- SECOND_EVENT). Returns the new n.
-local function add_event(n, names, kind, job, exec, machine, data)
+local function add_event(n, names, header, data)
   local f = xadd_fields
   f[n + 1] = names[1]
-  f[n + 2] = kind .. ' ' .. (job or '-') .. ' ' .. (exec or '-') .. ' ' .. (machine or '-')
+  f[n + 2] = header
   n = n + 2
   if data and data ~= '{}' then f[n + 1] = names[2]; f[n + 2] = data; n = n + 2 end
   return n
 end
-local function xadd(timed, kind, job, exec, machine, data)
+local function xadd(timed, header, data)
   local f, n = xadd_fields, 0
   if timed and NOW then f[1] = 'ts'; f[2] = now_text(); n = 2 end
   if EPOCH then f[n + 1] = 'ep'; f[n + 2] = EPOCH; n = n + 2 end
-  local first = HELD_EVENT
-  if first then
-    HELD_EVENT = nil
-    n = add_event(n, FIRST_EVENT, first[1], first[2], first[3], first[4], first[5])
-    n = add_event(n, SECOND_EVENT, kind, job, exec, machine, data)
+  local held = HELD_HEADER
+  if held then
+    HELD_HEADER = nil
+    n = add_event(n, FIRST_EVENT, held, HELD_DATA)
+    n = add_event(n, SECOND_EVENT, header, data)
   else
-    n = add_event(n, FIRST_EVENT, kind, job, exec, machine, data)
+    n = add_event(n, FIRST_EVENT, header, data)
   end
   local id = call('XADD', K.events, '*', unpack(f, 1, n))
   if not NOW then
@@ -361,23 +366,23 @@ local function xadd(timed, kind, job, exec, machine, data)
   local after = ON_EMITTED
   if after then
     ON_EMITTED = nil
-    after()
+    after(ON_EMITTED_ARG)
   end
 end
 local function emit(kind, job, exec, machine, data)
-  xadd(true, kind, job, exec, machine, data)
+  xadd(true, event_header(kind, job, exec, machine), data)
 end
 local function emit_untimed(kind, job, exec, machine, data)
-  xadd(false, kind, job, exec, machine, data)
+  xadd(false, event_header(kind, job, exec, machine), data)
 end
 local function hold_event(kind, job, exec, machine, data)
-  HELD_EVENT = { kind, job, exec, machine, data }
+  HELD_HEADER, HELD_DATA = event_header(kind, job, exec, machine), data
 end
 local function flush_event()
-  local e = HELD_EVENT
-  if e then
-    HELD_EVENT = nil
-    emit(e[1], e[2], e[3], e[4], e[5])
+  local held = HELD_HEADER
+  if held then
+    HELD_HEADER = nil
+    xadd(true, held, HELD_DATA)
   end
 end
 
@@ -570,12 +575,14 @@ end
 -- Writes a machine's execution list, and whatever else changed, in one HSET: its status (with
 -- its machine.status event) when `new` differs, `ended` and `lease` when given. `m` is the
 -- machine's HMGET of MACHINE_FIELDS; it is brought up to date.
+local machine_write = {} -- write_machine's HSET arguments (reused: each passes its first n)
 local function write_machine(mid, m, execs, new, reason, ended, lease)
-  local f = { 'execs', execs }
-  if new ~= m[1] then f[#f + 1] = 'status'; f[#f + 1] = new end
-  if ended then f[#f + 1] = 'ended'; f[#f + 1] = ended; m[5] = ended end
-  if lease then f[#f + 1] = 'lease'; f[#f + 1] = lease; m[6] = lease end
-  call('HSET', machine_key(mid), unpack(f))
+  local f, n = machine_write, 2
+  f[1], f[2] = 'execs', execs
+  if new ~= m[1] then f[3], f[4] = 'status', new; n = 4 end
+  if ended then f[n + 1], f[n + 2] = 'ended', ended; n = n + 2; m[5] = ended end
+  if lease then f[n + 1], f[n + 2] = 'lease', lease; n = n + 2; m[6] = lease end
+  call('HSET', machine_key(mid), unpack(f, 1, n))
   local old = m[1]
   m[1], m[4] = new, execs
   if new ~= old then

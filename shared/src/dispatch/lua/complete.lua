@@ -17,6 +17,6 @@ if not id then return { job } end
 end_execution(mid, m, rec, 'COMPLETED')
 -- (The last progress stays: it is shown only while a job runs, and dropping it costs a command.)
 finish(id, 'COMPLETED', false)
-emit('job.completed', id, eid, mid, '{"attempts":' .. job.attempts_text
+emit('job.completed', id, eid, mid, '{"attempts":' .. rec[4]
   .. ',"exec_status":"COMPLETED","outputs":' .. outputs .. '}')
 return { 'ok' }

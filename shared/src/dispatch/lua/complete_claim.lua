@@ -38,8 +38,8 @@ else
   end_execution_later(m, rec, 'COMPLETED')
   -- Held back: the claim's event (or the machine's) goes into the same stream entry, whose time
   -- is the call's; the job's end is written once it is known.
-  ON_EMITTED = function() finish(id, 'COMPLETED', false) end
-  hold_event('job.completed', id, eid, mid, '{"attempts":' .. job.attempts_text
+  ON_EMITTED, ON_EMITTED_ARG = finish_completed, id
+  hold_event('job.completed', id, eid, mid, '{"attempts":' .. rec[4]
     .. ',"exec_status":"COMPLETED","outputs":' .. outputs .. '}')
   done = 'ok'
   freed = true

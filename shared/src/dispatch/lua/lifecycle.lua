@@ -83,6 +83,11 @@ local function finish(id, status, had_progress, field, value)
   if had_progress then call('HDEL', jk, 'progress') end
 end
 
+-- ON_EMITTED's for complete_claim (see xadd).
+local function finish_completed(id)
+  finish(id, 'COMPLETED', false)
+end
+
 -- The job fields a fenced report or an expiry needs, in this order (see job_fields).
 local JOB_FIELDS = { 'status', 'execution_id', 'attempts', 'max_attempts', 'cancel_requested',
   'class', 'score', 'progress', 'timeout_ms' }
@@ -92,7 +97,6 @@ local function job_fields(id)
     status = j[1],
     execution_id = j[2],
     attempts = tonumber(j[3]) or 0,
-    attempts_text = j[3] or '0',
     max_attempts = tonumber(j[4]) or 1,
     cancel = j[5] == '1',
     class = j[6],
@@ -105,12 +109,13 @@ end
 -- The fence. A report is accepted only from the machine that runs the execution, while it runs
 -- (its record is on the machine's list), and only while it is its job's current one. `m`: the
 -- caller's machine, its HMGET of MACHINE_FIELDS. Returns job id, the job's fields (job_fields,
--- plus `user`) and the execution's record on success, else nil and the outcome to reply with.
+-- plus `user`; with `light`, the record again) and the execution's record on success, else nil
+-- and the outcome to reply with.
 -- Another machine's report changes nothing and writes no event (it must not get the real
 -- execution marked stale); a late report of the caller's own execution is recorded as
 -- execution.stale. `done_status`: the execution status this report leads to, when a repeat of
 -- it (the agent retrying after a lost reply) should just be answered 'again'. `light`: the
--- caller needs only `user` and `attempts_text` (complete), which the record holds: a running
+-- caller needs only the user and the attempts (complete), which the record holds: a running
 -- execution is always its job's current one (every function that moves a job on ends its
 -- execution first), so the job is not read, and the record returned holds its first four parts
 -- only (eid, job, user, attempts: what ending it needs).
@@ -120,7 +125,8 @@ local function fence(mid, eid, m, report, done_status, light)
     if light then
       -- Only the record's first four parts are read (the rest are not needed to end it).
       local job, user, attempts = match(m[4], RECORD_HEAD_PATTERN, at)
-      return job, { user = user, attempts_text = attempts }, { eid, job, user, attempts }
+      local rec = { eid, job, user, attempts }
+      return job, rec, rec
     end
     local rec = record_parse(m[4], at)
     local j = job_fields(rec[2])
