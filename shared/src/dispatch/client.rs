@@ -1228,6 +1228,123 @@ mod tests {
     use super::*;
     use crate::dispatch::bench;
 
+    async fn test_prefix() -> (Dispatch, redis::aio::ConnectionManager) {
+        let url =
+            std::env::var("EMP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let client = redis::Client::open(url).unwrap();
+        let mut con = bench::connection_manager(&client, Duration::from_secs(10))
+            .await
+            .expect("Redis at EMP_TEST_REDIS_URL or 127.0.0.1:6379");
+        let d = Dispatch::new(&bench::random_prefix("t")).unwrap();
+        bench::prepare(&d, &mut con, &DispatchConfig::default())
+            .await
+            .unwrap();
+        (d, con)
+    }
+
+    fn rejected_field(r: Result<Reply, DispatchError>) -> String {
+        match r {
+            Err(DispatchError::Rejected { field, .. }) => field,
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    /// complete and complete_claim check the caller's machine and execution ids by what they name
+    /// (a machine's hash, the machine's list) before matching them as UUIDs; ids that name
+    /// nothing are still matched, and refused when malformed, before anything is written.
+    #[tokio::test]
+    async fn malformed_ids_that_name_nothing_are_refused_before_anything_is_written() {
+        let (d, mut con) = test_prefix().await;
+        let class = bench::class_id(1);
+        for _ in 0..2 {
+            let job = bench::new_job(Uuid::now_v7(), &class);
+            d.enqueue(&mut con, &job, QueueLimit::Enforce)
+                .await
+                .unwrap();
+        }
+        let m = bench::register_machine(&d, &mut con, 1).await.unwrap();
+        let ClaimOutcome::Claimed(run) = d
+            .claim(&mut con, &m, &Uuid::now_v7(), std::slice::from_ref(&class))
+            .await
+            .unwrap()
+        else {
+            panic!("nothing claimed");
+        };
+        let events = d
+            .events()
+            .range(&mut con, "-", "+", 1000)
+            .await
+            .unwrap()
+            .len();
+        // 36 characters, but not a UUID: one with a brace would even change the key's hash tag.
+        let bad = format!("{{{}", "a".repeat(35));
+        let k = &d.keys;
+        let complete_claim = |mid: &str, eid: &str| {
+            let keys = [
+                k.config(),
+                k.leases(),
+                k.queued(),
+                k.events(),
+                d.heads_key(),
+                format!("{}machine:{mid}", k.base()),
+            ];
+            let args = d
+                .args()
+                .s(mid)
+                .s(eid)
+                .s("[]")
+                .s(Uuid::now_v7().to_string())
+                .n(MAX_PARKS_PER_CALL)
+                .s(&class);
+            (keys, args)
+        };
+        let eid = run.execution_id.to_string();
+        let (keys, args) = complete_claim(&bad, &eid);
+        let r = d
+            .run(&mut con, &d.scripts.complete_claim, &keys, args)
+            .await;
+        assert_eq!(rejected_field(r), "machine_id");
+        let (keys, args) = complete_claim(&m.to_string(), &bad);
+        let r = d
+            .run(&mut con, &d.scripts.complete_claim, &keys, args)
+            .await;
+        assert_eq!(rejected_field(r), "execution_id");
+        let (keys, args) = complete_claim(&m.to_string(), "short");
+        let r = d
+            .run(&mut con, &d.scripts.complete_claim, &keys, args)
+            .await;
+        assert_eq!(rejected_field(r), "execution_id");
+        for (mid, eid, field) in [
+            (bad.as_str(), eid.as_str(), "machine_id"),
+            (&m.to_string(), bad.as_str(), "execution_id"),
+        ] {
+            let args = d.args().s(mid).s(eid).s("[]");
+            let r = d
+                .run(&mut con, &d.scripts.complete, &d.report_keys(), args)
+                .await;
+            assert_eq!(rejected_field(r), field);
+        }
+        // Nothing moved: the execution still runs, the other job still waits, no event.
+        let machine = d.machine(&mut con, &m).await.unwrap().unwrap();
+        assert_eq!(machine.running.len(), 1);
+        assert_eq!(d.queued_count(&mut con).await.unwrap(), 1);
+        let after = d
+            .events()
+            .range(&mut con, "-", "+", 1000)
+            .await
+            .unwrap()
+            .len();
+        assert_eq!(after, events);
+        // The well-formed ids still work.
+        let r = d
+            .complete(&mut con, &m, &run.execution_id, "[]")
+            .await
+            .unwrap();
+        assert_eq!(r, Fenced::Accepted(()));
+        bench::delete_prefix(&mut con, d.keys()).await.unwrap();
+    }
+
     /// The functions keep the key names they built for the last prefix they saw; a call whose
     /// keys belong to another prefix than its own is still refused, whichever prefix came last.
     #[tokio::test]

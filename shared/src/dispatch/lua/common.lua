@@ -165,6 +165,23 @@ local function uuid_arg(s, field)
   return s
 end
 
+-- The caller's machine and execution ids on the agent's hot paths (complete, complete_claim),
+-- checked by what they name rather than matched against UUID_PATTERN up front:
+-- * a machine id whose hash exists is one its registration checked (only register creates
+--   machine hashes), so known_machine_arg matches it only when its hash is missing;
+-- * an execution id found on the machine's list is one its claim checked (record_at matches a
+--   whole 36-character record id), so fence matches it only when it is not there.
+-- Either check still comes before the id is used for anything else or anything is written.
+local function id_arg(s, field)
+  if not s or #s ~= 36 then
+    argerr(field, 'must be a lowercase hyphenated UUID')
+  end
+  return s
+end
+local function known_machine_arg(mid, m)
+  if not m[1] then uuid_arg(mid, 'machine_id') end
+end
+
 local function class_arg(s, field)
   if not s or not find(s, CLASS_PATTERN) then
     argerr(field, 'must be 32 lowercase hex characters')
@@ -172,24 +189,36 @@ local function class_arg(s, field)
   return s
 end
 
--- Arguments found well formed before, so their like costs one table lookup (priorities, limits,
--- requirements and outputs repeat from call to call). Each remembers at most CHECKED_MAX texts
--- (the first ones seen: it is a cache of what is common, never emptied), JSON only up to
--- CHECKED_JSON_MAX bytes each.
+-- Arguments found well formed before, so their like costs one table lookup (user ids,
+-- priorities, limits, requirements and outputs repeat from call to call). Each set holds at most
+-- CHECKED_MAX texts and is emptied when full, so what is common now stays; JSON is remembered only
+-- up to CHECKED_JSON_MAX bytes.
 local CHECKED_MAX, CHECKED_JSON_MAX = 256, 1024
-local checked_ints, checked_ints_n = {}, 0
-local checked_json, checked_json_n = {}, 0
+local function checked_set()
+  return { n = 0, seen = {} }
+end
+local function remember(set, s, value)
+  if set.n >= CHECKED_MAX then set.seen, set.n = {}, 0 end
+  set.seen[s] = value
+  set.n = set.n + 1
+end
+local checked_ints, checked_json, checked_users = checked_set(), checked_set(), checked_set()
+
+-- A user id (enqueue): one user submits many jobs.
+local function user_arg(s, field)
+  if s and checked_users.seen[s] then return s end
+  uuid_arg(s, field)
+  remember(checked_users, s, true)
+  return s
+end
 
 -- A non-negative integer argument in canonical digits, so it can be stored and passed on as
 -- the text it came as. Returns the number.
 local function int_arg(s, lo, hi, field)
-  local n = s and checked_ints[s]
+  local n = s and checked_ints.seen[s]
   if not n then
     n = s and find(s, '^%d+$') and tonumber(s)
-    if n and checked_ints_n < CHECKED_MAX then
-      checked_ints[s] = n
-      checked_ints_n = checked_ints_n + 1
-    end
+    if n then remember(checked_ints, s, n) end
   end
   if not n or n < lo or n > hi then
     argerr(field, 'must be an integer from ' .. int(lo) .. ' to ' .. int(hi))
@@ -208,14 +237,11 @@ end
 -- here only proves they are JSON.
 local function json_arg(s, max_len, field)
   str_arg(s, 1, max_len, field)
-  if checked_json[s] then return s end
+  if checked_json.seen[s] then return s end
   if not pcall(json_decode, s) then
     argerr(field, 'must be JSON')
   end
-  if #s <= CHECKED_JSON_MAX and checked_json_n < CHECKED_MAX then
-    checked_json[s] = true
-    checked_json_n = checked_json_n + 1
-  end
+  if #s <= CHECKED_JSON_MAX then remember(checked_json, s, true) end
   return s
 end
 

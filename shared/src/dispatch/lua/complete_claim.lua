@@ -12,8 +12,8 @@
 -- refused then, with the completion kept (a retry answers it ok).
 -- A retry after a lost reply gets both answers again.
 K = bind_keys(KEYS_AGENT)
-local mid = uuid_arg(ARGV[2], 'machine_id')
-local eid = uuid_arg(ARGV[3], 'execution_id')
+local mid = id_arg(ARGV[2], 'machine_id')
+local eid = id_arg(ARGV[3], 'execution_id')
 local outputs = json_arg(ARGV[4], 1048576, 'outputs')
 local next_eid = uuid_arg(ARGV[5], 'next_execution_id')
 if next_eid == eid then argerr('next_execution_id', 'must differ from execution_id') end
@@ -23,6 +23,7 @@ local direct = claim_classes(7)
 
 if not load_epoch() then return { 'restoring' } end
 local m = call('HMGET', KEYS[6], unpack(MACHINE_FIELDS))
+known_machine_arg(mid, m)
 local again = claim_again(mid, next_eid, m[4])
 
 -- complete.lua's work, in memory for the machine (written once, at the end or by the claim).

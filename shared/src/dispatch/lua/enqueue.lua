@@ -7,7 +7,7 @@
 -- Reply: {'queued', seq, parked (0|1)} | {'exists', status} | {'queue_full', queued}
 K = bind_keys(KEYS_ENQUEUE)
 local id = uuid_arg(ARGV[2], 'job_id')
-local uid = uuid_arg(ARGV[3], 'user_id')
+local uid = user_arg(ARGV[3], 'user_id')
 local class = class_arg(ARGV[4], 'class')
 local requirements = json_arg(ARGV[5], 65536, 'requirements')
 local priority = int_arg(ARGV[6], 0, 100, 'priority')

@@ -139,6 +139,8 @@ local function fence(mid, eid, m, report, done_status, light)
       json_obj({ { 'report', report, 'w' }, { 'exec_status', 'RUNNING', 'w' } }))
     return nil, 'stale'
   end
+  -- Not on the list: the id is matched now, before it names a key (see id_arg).
+  uuid_arg(eid, 'execution_id')
   local job, owner = exec_owner(eid)
   if owner and owner ~= mid then return nil, 'not_owner' end
   local ended = ended_status(m[5], eid)
