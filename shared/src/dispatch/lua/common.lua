@@ -182,14 +182,7 @@ local function known_machine_arg(mid, m)
   if not m[1] then uuid_arg(mid, 'machine_id') end
 end
 
-local function class_arg(s, field)
-  if not s or not find(s, CLASS_PATTERN) then
-    argerr(field, 'must be 32 lowercase hex characters')
-  end
-  return s
-end
-
--- Arguments found well formed before, so their like costs one table lookup (user ids,
+-- Arguments found well formed before, so their like costs one table lookup (user and class ids,
 -- priorities, limits, requirements and outputs repeat from call to call). Each set holds at most
 -- CHECKED_MAX texts and is emptied when full, so what is common now stays; JSON is remembered only
 -- up to CHECKED_JSON_MAX bytes.
@@ -202,13 +195,24 @@ local function remember(set, s, value)
   set.seen[s] = value
   set.n = set.n + 1
 end
-local checked_ints, checked_json, checked_users = checked_set(), checked_set(), checked_set()
+local checked_ints, checked_json = checked_set(), checked_set()
+local checked_users, checked_classes = checked_set(), checked_set()
 
 -- A user id (enqueue): one user submits many jobs.
 local function user_arg(s, field)
   if s and checked_users.seen[s] then return s end
   uuid_arg(s, field)
   remember(checked_users, s, true)
+  return s
+end
+
+-- A class id: every job of a kind, and every claim of the machines that run it, names it.
+local function class_arg(s, field)
+  if s and checked_classes.seen[s] then return s end
+  if not s or not find(s, CLASS_PATTERN) then
+    argerr(field, 'must be 32 lowercase hex characters')
+  end
+  remember(checked_classes, s, true)
   return s
 end
 
