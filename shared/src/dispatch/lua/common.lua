@@ -26,7 +26,11 @@
 -- Cost. Most of a call's Redis CPU is Lua and the glue around each redis.call (0.5-3 µs each),
 -- not the commands' own work: functions read each hash once with one HMGET, keep what they
 -- read, and write each hash once where they can. Hot events build their JSON by concatenation
--- (json_obj's generic loop costs ~4 µs an event).
+-- (json_obj's generic loop costs ~4 µs an event). Redis's Lua hashes every string it creates in
+-- full (each argument, each reply value, each concatenation), and every string and table is
+-- garbage to collect, so the hot paths build as few as they can: names built once and kept
+-- (bind_keys, machine_key), arguments found well formed before remembered (checked_set), scratch
+-- tables reused (xadd_fields, machine_write), no closures per call.
 
 local KEYS, ARGV, P
 local K -- set by each function with bind_keys: K.leases, K.events...
@@ -41,14 +45,14 @@ local MACHINE_ID, MACHINE_KEY -- the caller's machine and its key, once want_key
 -- without them (only redis.register_function exists then), so the first call binds them.
 local call, find, match, sub, byte, gmatch, format, upper
 local concat, tinsert, tremove, json_decode, json_encode
-local tonumber, unpack, type, pcall, ipairs
+local tonumber, unpack, pcall, ipairs
 local function bind_standard_functions()
   call = redis.call
   find, match, sub, byte = string.find, string.match, string.sub, string.byte
   gmatch, format, upper = string.gmatch, string.format, string.upper
   concat, tinsert, tremove = table.concat, table.insert, table.remove
   json_decode, json_encode = cjson.decode, cjson.encode
-  tonumber, unpack, type, pcall, ipairs = _G.tonumber, _G.unpack, _G.type, _G.pcall, _G.ipairs
+  tonumber, unpack, pcall, ipairs = _G.tonumber, _G.unpack, _G.pcall, _G.ipairs
 end
 
 local function argerr(field, reason)
