@@ -10,7 +10,7 @@
 K = bind_keys(KEYS_AGENT)
 local mid = uuid_arg(ARGV[2], 'machine_id')
 local eid = uuid_arg(ARGV[3], 'execution_id')
-local max_parks = int_arg(ARGV[4], 1, 10000, 'max_parks')
+local max_parks = int_arg(ARGV[4], 1, 10000, 'max_parks', true)
 want_key(6, 'machine:', mid)
 local direct = claim_classes(5)
 

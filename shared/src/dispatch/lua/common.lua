@@ -187,7 +187,7 @@ local function known_machine_arg(mid, m)
 end
 
 -- Arguments found well formed before, so their like costs one table lookup (user and class ids,
--- priorities, limits, requirements and outputs repeat from call to call). Each set holds at most
+-- priorities, limits and requirements repeat from call to call). Each set holds at most
 -- CHECKED_MAX texts and is emptied when full, so what is common now stays; JSON is remembered only
 -- up to CHECKED_JSON_MAX bytes.
 local CHECKED_MAX, CHECKED_JSON_MAX = 256, 1024
@@ -221,12 +221,13 @@ local function class_arg(s, field)
 end
 
 -- A non-negative integer argument in canonical digits, so it can be stored and passed on as
--- the text it came as. Returns the number.
-local function int_arg(s, lo, hi, field)
-  local n = s and checked_ints.seen[s]
+-- the text it came as. Returns the number. `repeats`: as json_arg's (a priority, a limit; not a
+-- progress value).
+local function int_arg(s, lo, hi, field, repeats)
+  local n = repeats and s and checked_ints.seen[s]
   if not n then
     n = s and find(s, '^%d+$') and tonumber(s)
-    if n then remember(checked_ints, s, n) end
+    if n and repeats then remember(checked_ints, s, n) end
   end
   if not n or n < lo or n > hi then
     argerr(field, 'must be an integer from ' .. int(lo) .. ' to ' .. int(hi))
@@ -243,13 +244,16 @@ end
 
 -- JSON arguments are stored and forwarded as given (so numbers keep their exact text); decoding
 -- here only proves they are JSON.
-local function json_arg(s, max_len, field)
+-- `repeats`: texts of this field repeat from call to call (a class's requirements), so one
+-- found well formed is remembered; others (outputs, errors, GPU stats) are each their own and
+-- would only push the ones that repeat out.
+local function json_arg(s, max_len, field, repeats)
   str_arg(s, 1, max_len, field)
-  if checked_json.seen[s] then return s end
+  if repeats and checked_json.seen[s] then return s end
   if not pcall(json_decode, s) then
     argerr(field, 'must be JSON')
   end
-  if #s <= CHECKED_JSON_MAX then remember(checked_json, s, true) end
+  if repeats and #s <= CHECKED_JSON_MAX then remember(checked_json, s, true) end
   return s
 end
 

@@ -17,7 +17,7 @@ local eid = id_arg(ARGV[3], 'execution_id')
 local outputs = json_arg(ARGV[4], 1048576, 'outputs')
 local next_eid = uuid_arg(ARGV[5], 'next_execution_id')
 if next_eid == eid then argerr('next_execution_id', 'must differ from execution_id') end
-local max_parks = int_arg(ARGV[6], 1, 10000, 'max_parks')
+local max_parks = int_arg(ARGV[6], 1, 10000, 'max_parks', true)
 want_key(6, 'machine:', mid)
 local direct = claim_classes(7)
 

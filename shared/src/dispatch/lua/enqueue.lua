@@ -9,13 +9,13 @@ K = bind_keys(KEYS_ENQUEUE)
 local id = uuid_arg(ARGV[2], 'job_id')
 local uid = user_arg(ARGV[3], 'user_id')
 local class = class_arg(ARGV[4], 'class')
-local requirements = json_arg(ARGV[5], 65536, 'requirements')
-local priority = int_arg(ARGV[6], 0, 100, 'priority')
-int_arg(ARGV[7], 1, 100, 'max_attempts')
-int_arg(ARGV[8], 1, 30 * 86400 * 1000, 'timeout_ms')
+local requirements = json_arg(ARGV[5], 65536, 'requirements', true)
+local priority = int_arg(ARGV[6], 0, 100, 'priority', true)
+int_arg(ARGV[7], 1, 100, 'max_attempts', true)
+int_arg(ARGV[8], 1, 30 * 86400 * 1000, 'timeout_ms', true)
 local payload = ARGV[9]
 if not payload then argerr('payload', 'missing') end
-local check = int_arg(ARGV[10], 0, 1, 'check_queue_size') == 1
+local check = int_arg(ARGV[10], 0, 1, 'check_queue_size', true) == 1
 local jk = want_key(9, 'job:', id)
 local qk = want_key(10, 'q:', class)
 local wk = want_key(11, 'wake:', class)
