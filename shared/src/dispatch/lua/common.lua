@@ -202,22 +202,27 @@ end
 local checked_ints, checked_json = checked_set(), checked_set()
 local checked_users, checked_classes = checked_set(), checked_set()
 
--- A user id (enqueue): one user submits many jobs.
-local function user_arg(s, field)
-  if s and checked_users.seen[s] then return s end
-  uuid_arg(s, field)
-  remember(checked_users, s, true)
+-- `s` checked by `check` (which raises on a bad one) unless `set` remembers it well formed.
+local function remembered_arg(set, s, field, check)
+  if s and set.seen[s] then return s end
+  check(s, field)
+  remember(set, s, true)
   return s
 end
 
--- A class id: every job of a kind, and every claim of the machines that run it, names it.
-local function class_arg(s, field)
-  if s and checked_classes.seen[s] then return s end
+-- A user id (enqueue): one user submits many jobs.
+local function user_arg(s, field)
+  return remembered_arg(checked_users, s, field, uuid_arg)
+end
+
+local function class_text_arg(s, field)
   if not s or not find(s, CLASS_PATTERN) then
     argerr(field, 'must be 32 lowercase hex characters')
   end
-  remember(checked_classes, s, true)
-  return s
+end
+-- A class id: every job of a kind, and every claim of the machines that run it, names it.
+local function class_arg(s, field)
+  return remembered_arg(checked_classes, s, field, class_text_arg)
 end
 
 -- A non-negative integer argument in canonical digits, so it can be stored and passed on as
@@ -298,7 +303,7 @@ end
 -- A machine's key: the caller's own, which want_key checked, is not built again.
 local function machine_key(mid)
   if mid == MACHINE_ID then return MACHINE_KEY end
-  return P .. 'machine:' .. mid
+  return key('machine:', mid)
 end
 
 -- A wake list only has to hold enough tokens to wake the claimers that are blocked right now
