@@ -12,22 +12,13 @@ use emp_shared::dispatch::{
 use redis::aio::ConnectionManager;
 use uuid::Uuid;
 
-fn redis_url() -> String {
-    std::env::var("EMP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
 struct Ctx {
     d: Dispatch,
     con: ConnectionManager,
 }
 
 async fn ctx(config: DispatchConfig) -> Ctx {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut con = bench::connection_manager(&client, Duration::from_secs(10))
-        .await
-        .expect("Redis at EMP_TEST_REDIS_URL or 127.0.0.1:6379");
-    let d = Dispatch::new(&bench::random_prefix("t")).unwrap();
-    bench::prepare(&d, &mut con, &config).await.unwrap();
+    let (d, _, con) = bench::test_prefix(&config, Duration::from_secs(10)).await;
     Ctx { d, con }
 }
 
@@ -306,7 +297,7 @@ async fn complete_and_claim_keeps_the_per_user_limit_and_order() {
 async fn a_new_class_wakes_idle_machines_and_a_known_one_does_not() {
     let mut c = ctx(DispatchConfig::default()).await;
     let m = bench::register_machine(&c.d, &mut c.con, 1).await.unwrap();
-    let client = redis::Client::open(redis_url()).unwrap();
+    let client = redis::Client::open(bench::test_redis_url()).unwrap();
     let mut waiter = emp_shared::dispatch::waiter_connection(&client)
         .await
         .unwrap();

@@ -21,14 +21,7 @@ struct Ctx {
 }
 
 async fn ctx(config: DispatchConfig) -> Ctx {
-    let url =
-        std::env::var("EMP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let client = redis::Client::open(url).unwrap();
-    let mut con = bench::connection_manager(&client, Duration::from_secs(10))
-        .await
-        .expect("Redis at EMP_TEST_REDIS_URL or 127.0.0.1:6379");
-    let d = Dispatch::new(&bench::random_prefix("t")).unwrap();
-    bench::prepare(&d, &mut con, &config).await.unwrap();
+    let (d, _, con) = bench::test_prefix(&config, Duration::from_secs(10)).await;
     Ctx { d, con }
 }
 

@@ -21,17 +21,8 @@ struct Ctx {
     con: ConnectionManager,
 }
 
-fn redis_url() -> String {
-    std::env::var("EMP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
 async fn ctx_with(config: DispatchConfig) -> Ctx {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut con = bench::connection_manager(&client, Duration::from_secs(10))
-        .await
-        .expect("Redis at EMP_TEST_REDIS_URL or 127.0.0.1:6379");
-    let d = Dispatch::new(&bench::random_prefix("t")).unwrap();
-    bench::prepare(&d, &mut con, &config).await.unwrap();
+    let (d, _, con) = bench::test_prefix(&config, Duration::from_secs(10)).await;
     Ctx { d, con }
 }
 
@@ -1405,7 +1396,7 @@ async fn every_script_declares_keys_under_one_hash_tag() {
 #[tokio::test]
 async fn wait_for_work_wakes_on_a_matching_submit_only() {
     let mut c = ctx().await;
-    let client = redis::Client::open(redis_url()).unwrap();
+    let client = redis::Client::open(bench::test_redis_url()).unwrap();
     let mut waiter = emp_shared::dispatch::waiter_connection(&client)
         .await
         .unwrap();

@@ -11,17 +11,8 @@ use redis::aio::ConnectionManager;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-fn redis_url() -> String {
-    std::env::var("EMP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
 async fn setup(config: DispatchConfig) -> (Arc<Dispatch>, redis::Client, ConnectionManager) {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut con = bench::connection_manager(&client, Duration::from_secs(30))
-        .await
-        .expect("Redis at EMP_TEST_REDIS_URL or 127.0.0.1:6379");
-    let d = Dispatch::new(&bench::random_prefix("t")).unwrap();
-    bench::prepare(&d, &mut con, &config).await.unwrap();
+    let (d, client, con) = bench::test_prefix(&config, Duration::from_secs(30)).await;
     (Arc::new(d), client, con)
 }
 
@@ -190,7 +181,7 @@ async fn fifty_claimers_claim_five_thousand_jobs_exactly_once() {
 #[tokio::test]
 #[ignore = "a benchmark; run on purpose"]
 async fn claim_complete_benchmark() {
-    let client = redis::Client::open(redis_url()).unwrap();
+    let client = redis::Client::open(bench::test_redis_url()).unwrap();
     for claimers in [1, 50] {
         let r = bench::claim_complete(&client, claimers, 5_000)
             .await

@@ -57,6 +57,32 @@ pub async fn connection_manager(
         .await
 }
 
+/// The Redis the tests use: `EMP_TEST_REDIS_URL`, by default 127.0.0.1:6379.
+pub fn test_redis_url() -> String {
+    std::env::var("EMP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A test's own prefix on the test Redis ([`test_redis_url`]), [`prepare`]d with `config`: its
+/// `Dispatch`, the client (for more connections) and a connection that waits up to `timeout`
+/// for a reply.
+///
+/// # Panics
+/// When the test Redis cannot be reached or prepared: a test cannot go on without it.
+pub async fn test_prefix(
+    config: &DispatchConfig,
+    timeout: Duration,
+) -> (Dispatch, redis::Client, ConnectionManager) {
+    let client = redis::Client::open(test_redis_url()).expect("a Redis URL");
+    let mut con = connection_manager(&client, timeout)
+        .await
+        .expect("Redis at EMP_TEST_REDIS_URL or 127.0.0.1:6379");
+    let d = Dispatch::new(&random_prefix("t")).expect("a valid prefix");
+    prepare(&d, &mut con, config)
+        .await
+        .expect("the test prefix prepared");
+    (d, client, con)
+}
+
 /// Loads the scripts, writes `config` and opens the epoch: a prefix ready for agents.
 ///
 /// # Errors

@@ -1229,16 +1229,8 @@ mod tests {
     use crate::dispatch::bench;
 
     async fn test_prefix() -> (Dispatch, redis::aio::ConnectionManager) {
-        let url =
-            std::env::var("EMP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let client = redis::Client::open(url).unwrap();
-        let mut con = bench::connection_manager(&client, Duration::from_secs(10))
-            .await
-            .expect("Redis at EMP_TEST_REDIS_URL or 127.0.0.1:6379");
-        let d = Dispatch::new(&bench::random_prefix("t")).unwrap();
-        bench::prepare(&d, &mut con, &DispatchConfig::default())
-            .await
-            .unwrap();
+        let (d, _, con) =
+            bench::test_prefix(&DispatchConfig::default(), Duration::from_secs(10)).await;
         (d, con)
     }
 
@@ -1349,19 +1341,8 @@ mod tests {
     /// keys belong to another prefix than its own is still refused, whichever prefix came last.
     #[tokio::test]
     async fn keys_of_another_prefix_are_refused_whichever_prefix_came_last() {
-        let url =
-            std::env::var("EMP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let client = redis::Client::open(url).unwrap();
-        let mut con = bench::connection_manager(&client, Duration::from_secs(10))
-            .await
-            .expect("Redis at EMP_TEST_REDIS_URL or 127.0.0.1:6379");
-        let a = Dispatch::new(&bench::random_prefix("t")).unwrap();
-        let b = Dispatch::new(&bench::random_prefix("t")).unwrap();
-        for d in [&a, &b] {
-            bench::prepare(d, &mut con, &DispatchConfig::default())
-                .await
-                .unwrap();
-        }
+        let (a, mut con) = test_prefix().await;
+        let (b, _) = test_prefix().await;
         let (epoch_a, _) = a.init_epoch(&mut con, "ignored").await.unwrap();
         let (epoch_b, _) = b.init_epoch(&mut con, "ignored").await.unwrap();
         for (d, other) in [(&a, &b), (&b, &a), (&a, &b)] {
@@ -1369,21 +1350,15 @@ mod tests {
             let (_, created) = d.init_epoch(&mut con, "ignored").await.unwrap();
             assert!(!created);
             // ...the other prefix's config, with this prefix in ARGV, does not.
-            let Err(err) = d
+            let r = d
                 .run(
                     &mut con,
                     &d.scripts.init_epoch,
                     &[other.keys.config()],
                     d.args().s("x"),
                 )
-                .await
-            else {
-                panic!("another prefix's keys were accepted");
-            };
-            assert!(
-                matches!(&err, DispatchError::Rejected { field, .. } if field == "keys"),
-                "{err:?}"
-            );
+                .await;
+            assert_eq!(rejected_field(r), "keys");
         }
         assert_eq!(a.init_epoch(&mut con, "x").await.unwrap().0, epoch_a);
         assert_eq!(b.init_epoch(&mut con, "x").await.unwrap().0, epoch_b);
